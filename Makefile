@@ -1,0 +1,35 @@
+# Two commands matter: `make demo` and `make test`. Both create .venv if missing and install first.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+DEMO    ?= demo_out
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+# torch==2.13.0 first: it resolves to the local CPU wheel; pyproject keeps a range so GPU users get CUDA builds.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh $(DEMO)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/prepare.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

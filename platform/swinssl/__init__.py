@@ -1,0 +1,2 @@
+"""swinssl: self-supervised SwinUNETR pretraining on PET/CT."""
+__version__ = "0.1.0"

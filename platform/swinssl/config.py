@@ -1,0 +1,213 @@
+"""Typed experiment configs: dataclasses with docstrings, loaded from YAML plus dotted `key=value` overrides.
+
+`load_config(path, overrides, PretrainConfig)` merges, in order: the dataclass defaults, the YAML file (which may
+name a `base:` YAML to start from, so experiments are small diffs of a full default), then the overrides. Unknown
+keys and wrong types are errors that name the key and list the valid ones. `save_config` writes the resolved
+config next to every run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+@dataclass
+class DataConfig:
+    """Which prepared studies feed pretraining and how crops are cut from them."""
+
+    root: str = ""
+    """Output folder of `swinssl prepare` (holds manifest.jsonl and shards/)."""
+    cohort: str = "unlabeled"
+    """Cohort of the manifest to pretrain on ('unlabeled', 'labeled' or 'all')."""
+    subset: str = "all"
+    """'all', or N: the first N studies of the cohort in curation order (450 and 760 are the same code path)."""
+    roi: list[int] = field(default_factory=lambda: [96, 96, 96])
+    """Crop size (Z, Y, X) in PET voxels; every side must be divisible by 32."""
+    crops_per_study: int = 2
+    """Random crops cut from one decoded volume (decoding is the expensive part: reuse it)."""
+    batch_size: int = 2
+    """Crops per worker per step (each crop gives two augmented views)."""
+    shuffle_buffer: int = 8
+    """Local shuffle buffer in crops (mixes crops of several studies without a global shuffle)."""
+    min_foreground: float = 0.05
+    """A crop must have at least this share of voxels inside the body (CT channel > body threshold)."""
+    read_cpus: float = 1.0
+    """CPUs per crop task in the Ray Data pipeline."""
+
+
+@dataclass
+class ModelConfig:
+    """SwinUNETR's Swin encoder (MONAI SwinTransformer) on 2-channel CT/PET input."""
+
+    feature_size: int = 48
+    """Embedding width of the first stage; multiple of 12 (bottleneck = 16 x feature_size)."""
+    in_channels: int = 2
+    drop_path_rate: float = 0.0
+    use_checkpoint: bool = False
+    """Activation checkpointing in the Swin blocks: less memory, ~30% more compute."""
+    contrastive_dim: int = 512
+
+
+@dataclass
+class LossConfig:
+    """Weights of the three pretext losses (0 skips that task's compute entirely) and their options."""
+
+    w_rotation: float = 1.0
+    w_contrastive: float = 1.0
+    w_inpainting: float = 1.0
+    temperature: float = 0.5
+    gather_contrastive: bool = True
+    """Gather embeddings from all workers so contrastive negatives grow with the cluster."""
+    inpaint_holes_only: bool = False
+    """L1 over the cut-out holes only (reference: the whole volume)."""
+
+
+@dataclass
+class PretextConfig:
+    """Augmentations that make the pretext targets."""
+
+    rotation_dims: list[int] = field(default_factory=lambda: [-2, -1])
+    """Plane of the quarter turns (default: the axial plane of a (Z, Y, X) crop)."""
+    cutout_min_side: float = 0.05
+    cutout_max_side: float = 0.25
+    cutout_max_drop: float = 0.3
+    cutout_cross_sample: float = 0.3
+    """Probability that a hole is filled with the same region of another sample instead of noise."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay."""
+
+    lr: float = 4e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables."""
+
+
+@dataclass
+class TrainerConfig:
+    """Ray Train settings and the loop's schedule."""
+
+    steps: int = 100_000
+    """Optimizer steps (not epochs: unlabelled sets of different sizes train for the same number of updates)."""
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    amp: str = "bf16"
+    """'bf16', 'fp16' or 'none'; only used on GPU."""
+    grad_accum: int = 1
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    max_failures: int = 3
+    """Worker-group restarts Ray Train attempts, each resuming from the last checkpoint."""
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. An empty tracking_uri means MLFLOW_TRACKING_URI, else sqlite:///<abs output_dir>/../mlflow.db."""
+
+    enabled: bool = True
+    tracking_uri: str = ""
+    experiment: str = "swinssl-pretrain"
+    run_name: str = ""
+
+
+@dataclass
+class PretrainConfig:
+    """`swinssl pretrain`: everything that defines a pretraining run."""
+
+    name: str = "pretrain"
+    output_dir: str = ""
+    """Run folder (absolute or relative to the cwd of the driver): config, checkpoints, encoder.pt."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    pretext: PretextConfig = field(default_factory=PretextConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _valid_keys(schema: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(schema):
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys += _valid_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    """YAML with an optional `base:` (path relative to this file) merged underneath."""
+    if path in seen:
+        raise ConfigError(f"{path}: circular base chain {[str(p) for p in seen]}")
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    node = OmegaConf.load(path)
+    base = node.pop("base", None)
+    if base:
+        return OmegaConf.merge(_read_yaml((path.parent / base).resolve(), (*seen, path)), node)
+    return node
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), schema: type[T] = PretrainConfig
+                ) -> T:
+    """Defaults <- YAML (with base) <- `key=value` overrides, validated against `schema`."""
+    merged = OmegaConf.structured(schema)
+    try:
+        if path:
+            merged = OmegaConf.merge(merged, _read_yaml(Path(path).resolve()))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must be key=value, got {bad}")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        raise ConfigError(f"{'config key ' + repr(key) + ': ' if key else ''}{str(exc).splitlines()[0]}\n"
+                          f"valid keys: {', '.join(_valid_keys(schema))}") from None
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return asdict(cfg)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{'loss.w_rotation': 1.0, ...}: MLflow params and sweep keys use these dotted names."""
+    out: dict[str, Any] = {}
+    for key, value in (asdict(cfg) if is_dataclass(cfg) else cfg).items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically); it loads back with `load_config`."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,1 @@
+"""Data: prepared-shard discovery, subsets in curation order, Ray Data crop pipelines."""

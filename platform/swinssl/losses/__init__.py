@@ -1,0 +1,1 @@
+"""Pretext losses: pure tensor functions, one per file (rotation, contrastive, inpainting)."""

@@ -1,0 +1,289 @@
+"""Export and import of the pretrained Swin encoder, readable by every SwinUNETR fine-tuning path we know of.
+
+File layout written by :func:`save_encoder` (a plain dict, loadable with ``torch.load(path, weights_only=True)``)::
+
+    {
+        "state_dict": {
+            "module.patch_embed.proj.weight": T0,                 # MONAI SwinUNETR.load_from layout ...
+            "module.layers1.0.blocks.0.mlp.fc1.weight": T1,       # ... (MONAI's mlp.linear1 is called fc1 there)
+            ...
+            "swinViT.patch_embed.proj.weight": T0,                # BTCV / load_state_dict layout: SwinUNETR's own keys
+            "swinViT.layers1.0.blocks.0.mlp.linear1.weight": T1,
+            ...
+        },
+        "format": "swinssl.encoder/1", "feature_size": 48, "in_channels": 2, "depths": [...], "num_heads": [...],
+        "window_size": [...], "spatial_dims": 3, **extra,
+    }
+
+Why both layouts at once, and why it is safe:
+
+* ``SwinUNETR.load_from(ckpt)`` indexes ``ckpt["state_dict"]`` with the ``module.*`` keys only (every key it reads is
+  present: one per swinViT tensor, relative_position_index included) and never looks at the others.
+* The BTCV path strips ``module.`` and renames ``swin_vit`` to ``swinViT`` then calls
+  ``load_state_dict(strict=False)``. The ``swinViT.*`` keys contain neither substring, so they arrive unchanged and
+  cover every ``swinViT.*`` entry of SwinUNETR; the stripped load_from keys become ``patch_embed.*`` / ``layers*``,
+  which name nothing in SwinUNETR (its encoder lives under ``swinViT.``) and are reported as unexpected, harmlessly.
+* The two layouts reference the *same* tensor objects; ``torch.save`` writes a shared storage once, so the file is
+  not twice as large.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "FORMAT",
+    "encoder_state_dict_for_monai",
+    "encoder_state_dict_swinvit",
+    "save_encoder",
+    "swinvit_state_from_checkpoint",
+    "load_encoder_into_swinunetr",
+    "check_loaded",
+]
+
+FORMAT = "swinssl.encoder/1"
+_PREFIX = "swinViT."
+# MONAI's MLPBlock names its layers linear1/linear2; the load_from file layout (the released model_swinvit.pt) says
+# fc1/fc2. The dots on both sides keep the rename from touching anything else.
+_TO_LOAD_FROM = ((".mlp.linear1.", ".mlp.fc1."), (".mlp.linear2.", ".mlp.fc2."))
+_RESERVED = frozenset(
+    {"state_dict", "format", "feature_size", "in_channels", "depths", "num_heads", "window_size", "spatial_dims"}
+)
+
+
+def _encoder(model: nn.Module) -> nn.Module:
+    """The ``swinViT`` of an SSLModel or SwinUNETR, looking through DDP (``.module``) and compile (``._orig_mod``)."""
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and not hasattr(model, "swinViT"):
+            model = inner
+    enc = getattr(model, "swinViT", None)
+    if not isinstance(enc, nn.Module):
+        raise TypeError(f"{type(model).__name__} has no 'swinViT' encoder")
+    return enc
+
+
+def _encoder_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Detached CPU copies of the encoder's state, keyed relative to ``swinViT`` (one tensor object per entry)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in _encoder(model).state_dict().items()}
+
+
+def _to_load_from_key(rel: str) -> str:
+    for ours, theirs in _TO_LOAD_FROM:
+        rel = rel.replace(ours, theirs)
+    return "module." + rel
+
+
+def _from_load_from_key(key: str) -> str:
+    rel = key[len("module.") :]
+    for ours, theirs in _TO_LOAD_FROM:
+        rel = rel.replace(theirs, ours)
+    return _PREFIX + rel
+
+
+def encoder_state_dict_for_monai(model: nn.Module) -> dict[str, Tensor]:
+    """Encoder weights keyed as ``SwinUNETR.load_from`` reads them (``module.layers1.0.blocks.0.mlp.fc1.weight``...).
+
+    Every tensor of ``model.swinViT`` appears exactly once; that is exactly the set of keys ``load_from`` reads for a
+    4-stage, non-Hyena encoder (patch embedding, every block tensor incl. ``relative_position_index``, downsampling).
+    """
+    return {_to_load_from_key(k): v for k, v in _encoder_tensors(model).items()}
+
+
+def encoder_state_dict_swinvit(model: nn.Module) -> dict[str, Tensor]:
+    """Encoder weights keyed as in ``SwinUNETR.state_dict()`` (``swinViT.*``), for ``load_state_dict`` users."""
+    return {_PREFIX + k: v for k, v in _encoder_tensors(model).items()}
+
+
+def _encoder_meta(model: nn.Module) -> dict[str, Any]:
+    enc = _encoder(model)
+    return {
+        "format": FORMAT,
+        "feature_size": int(enc.embed_dim),
+        "in_channels": int(enc.patch_embed.proj.in_channels),
+        "depths": [len(layer[0].blocks) for layer in (enc.layers1, enc.layers2, enc.layers3, enc.layers4)],
+        "num_heads": [
+            int(layer[0].blocks[0].num_heads) for layer in (enc.layers1, enc.layers2, enc.layers3, enc.layers4)
+        ],
+        "window_size": [int(w) for w in enc.window_size],
+        "spatial_dims": len(enc.patch_size),
+    }
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse anything ``torch.load(weights_only=True)`` could not read back (numpy scalars, Paths, objects...)."""
+    if value is None or isinstance(value, (bool, int, float, str, Tensor)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, item in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: dict key {k!r} is not str/int")
+            _check_plain(item, f"{where}[{k!r}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__name__}; only tensors and plain Python values can be saved")
+
+
+def save_encoder(model: nn.Module, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+    """Write the encoder in both layouts (see module docstring) atomically; returns the path written.
+
+    Args:
+        model: an :class:`~swinssl.models.ssl_head.SSLModel` (or anything with a ``swinViT``; DDP is unwrapped).
+        path: destination file; parent folders are created.
+        extra: additional plain metadata (step, config...), merged at the top level. Reserved keys are refused.
+
+    Raises:
+        ValueError: if ``extra`` uses a reserved key. TypeError: if ``extra`` holds a non-plain value.
+    """
+    extra = dict(extra or {})
+    clash = _RESERVED & extra.keys()
+    if clash:
+        raise ValueError(f"extra must not override reserved keys {sorted(clash)}")
+    _check_plain(extra, "extra")
+
+    tensors = _encoder_tensors(model)
+    state: dict[str, Tensor] = {}
+    # load_from layout first: a consumer that inspects only the first key (as the BTCV script does) sees "module."
+    # and strips it everywhere, which is harmless for the swinViT.* keys; the same tensor objects are shared.
+    state.update({_to_load_from_key(k): v for k, v in tensors.items()})
+    state.update({_PREFIX + k: v for k, v in tensors.items()})
+    payload = {"state_dict": state, **_encoder_meta(model), **extra}
+
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)  # readers never see a half-written checkpoint
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def swinvit_state_from_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Extract encoder tensors keyed ``swinViT.*`` from any layout we may meet.
+
+    Accepted (checked in this order): ``swinViT.*`` (ours, BTCV), ``module.swinViT.*`` (a DDP-wrapped pretraining
+    model), ``swin_vit.*`` / ``module.swin_vit.*``; otherwise the ``load_from`` layout (``module.patch_embed.*``,
+    ``module.layers*``, ``fc1``/``fc2``). ``ckpt`` may be the file's dict or its ``state_dict``.
+
+    Raises:
+        ValueError: when no encoder key is found.
+    """
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"checkpoint is not a dict with a 'state_dict' (got {type(ckpt).__name__})")
+    direct: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if not isinstance(value, Tensor):
+            continue
+        for prefix in ("swinViT.", "module.swinViT.", "swin_vit.", "module.swin_vit."):
+            if key.startswith(prefix):
+                direct[_PREFIX + key[len(prefix) :]] = value
+                break
+    if direct:
+        return direct
+    legacy = {
+        _from_load_from_key(k): v
+        for k, v in sd.items()
+        if isinstance(v, Tensor) and (k.startswith("module.patch_embed.") or k.startswith("module.layers"))
+    }
+    if legacy:
+        return legacy
+    sample = ", ".join(list(sd)[:5]) or "<empty>"
+    raise ValueError(f"no Swin encoder weights in checkpoint (first keys: {sample})")
+
+
+def _net_summary(enc: nn.Module) -> str:
+    return f"feature_size={enc.embed_dim}, in_channels={enc.patch_embed.proj.in_channels}"
+
+
+def check_loaded(net: nn.Module, state: Mapping[str, Tensor], keys: Iterable[str] | None = None) -> None:
+    """Assert that ``net``'s encoder tensors equal ``state`` (keys ``swinViT.*``), so a silent no-op load is caught.
+
+    Args:
+        net: a SwinUNETR (or SSLModel).
+        state: expected tensors keyed ``swinViT.*``.
+        keys: the keys to check; ``None`` checks every ``swinViT.*`` entry of ``net``.
+
+    Raises:
+        ValueError: naming the keys that are absent from ``state`` or differ.
+    """
+    current = {_PREFIX + k: v for k, v in _encoder(net).state_dict().items()}
+    wanted = list(current) if keys is None else list(keys)
+    absent = [k for k in wanted if k not in state or k not in current]
+    differ = [
+        k
+        for k in wanted
+        if k in state and k in current and not torch.equal(current[k].detach().cpu(), state[k].to(current[k].dtype))
+    ]
+    if absent or differ:
+        raise ValueError(
+            f"encoder not loaded: absent={absent[:5]} (total {len(absent)}), "
+            f"different={differ[:5]} (total {len(differ)})"
+        )
+
+
+def load_encoder_into_swinunetr(net: nn.Module, path: str | os.PathLike[str], strict_encoder: bool = True) -> list[str]:
+    """Load pretrained encoder weights into ``net.swinViT`` (a MONAI SwinUNETR) and verify they landed.
+
+    Args:
+        net: the fine-tuning network.
+        path: a file from :func:`save_encoder`, a BTCV-style ``swinViT.*`` checkpoint, or a ``load_from`` layout one.
+        strict_encoder: require a one-to-one match between the checkpoint's encoder keys and ``net.swinViT``'s.
+            When False, keys present on only one side are skipped, but at least one must load.
+
+    Returns:
+        The ``swinViT.*`` keys that were loaded, in the net's order.
+
+    Raises:
+        ValueError: on any shape mismatch (e.g. feature_size 24 vs 48, in_channels 1 vs 2, another window size), on
+            missing/unexpected encoder keys when ``strict_encoder``, or when nothing could be loaded.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    src = swinvit_state_from_checkpoint(ckpt)
+    enc = _encoder(net)
+    target = {_PREFIX + k: v for k, v in enc.state_dict().items()}
+
+    saved = ""
+    if isinstance(ckpt, Mapping) and "feature_size" in ckpt:
+        saved = f"checkpoint saved with feature_size={ckpt.get('feature_size')}, in_channels={ckpt.get('in_channels')}"
+    context = f"{path}: {saved or 'checkpoint'}; net has {_net_summary(enc)}"
+
+    mismatched = [
+        f"{k}: checkpoint {tuple(src[k].shape)} vs net {tuple(t.shape)}"
+        for k, t in target.items()
+        if k in src and src[k].shape != t.shape
+    ]
+    if mismatched:
+        raise ValueError(
+            f"encoder shape mismatch ({context}); {len(mismatched)} tensor(s) differ, e.g. " + "; ".join(mismatched[:3])
+        )
+    missing = [k for k in target if k not in src]
+    unexpected = [k for k in src if k not in target]
+    if strict_encoder and (missing or unexpected):
+        raise ValueError(
+            f"encoder keys do not match ({context}): missing from checkpoint {missing[:5]} (total {len(missing)}), "
+            f"not in net {unexpected[:5]} (total {len(unexpected)})"
+        )
+    loaded = [k for k in target if k in src]
+    if not loaded:
+        raise ValueError(f"no encoder tensor of the checkpoint matches the net ({context})")
+
+    enc.load_state_dict({k[len(_PREFIX) :]: src[k] for k in loaded}, strict=False)
+    check_loaded(net, src, loaded)
+    return loaded

@@ -1,0 +1,1 @@
+"""Tasks: objects that turn a batch into a dict of losses; the training loop knows only this interface."""

@@ -1,0 +1,1 @@
+"""Experiment tracking (MLflow) from rank 0."""

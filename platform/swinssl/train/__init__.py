@@ -1,0 +1,1 @@
+"""Training: the task-agnostic loop, checkpoints and resume, Ray Train launch."""

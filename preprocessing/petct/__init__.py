@@ -1,0 +1,1 @@
+"""petct: PET/CT preprocessing — IO, SUV, registration, resampling, normalisation, shards, synthetic cohort, QC."""

@@ -1,0 +1,32 @@
+"""One error type for everything that is wrong with one study's input.
+
+A `StudyError` never stops a cohort: the pipeline records it in the manifest under the study's id and goes on.
+`kind` is a short stable tag (used in the manifest and QC summary); the message says what a person must fix.
+"""
+
+from __future__ import annotations
+
+# Stable tags; documented in README "Bad input".
+KINDS = (
+    "read_error",  # unreadable, truncated or not an image
+    "missing_modality",  # CT or PET path empty or absent
+    "missing_suv_tag",  # DICOM PET lacks a tag needed for SUV
+    "bad_suv_tag",  # a tag is present but unusable (units, negative decay time ...)
+    "non_finite",  # NaN / inf voxels
+    "no_overlap",  # CT and PET fields of view do not intersect
+    "label_grid",  # label geometry differs from the PET grid
+    "label_values",  # label values outside 0..11
+    "duplicate_id",  # two input rows share a study id
+    "bad_id",  # a study id that cannot name a file (allowed: letters, digits, '.', '_', '-')
+    "internal",  # anything unexpected (a bug, not bad input): message carries the traceback summary
+)
+
+
+class StudyError(Exception):
+    """Bad input for one study: `StudyError(study_id, kind, message)`."""
+
+    def __init__(self, study_id: str, kind: str, message: str):
+        if kind not in KINDS:
+            raise ValueError(f"unknown StudyError kind {kind!r}")
+        self.study_id, self.kind, self.message = study_id, kind, message
+        super().__init__(f"study {study_id!r}: {kind}: {message}")

@@ -1,0 +1,188 @@
+"""`prepare`: a cohort in, aligned 2-channel Parquet shards + manifest + QC out (one Ray task per study).
+
+Input: a cohort CSV (`study_id,ct,pet,label,cohort`, paths relative to the CSV) or a folder of study folders
+(each with `ct.nii.gz`|`ct/`, `pet.nii.gz`|`pet/`, optional `label.nii.gz`). Row order is curation order.
+Output (OUT): `shards/<id>.parquet` (see shards.py), `records/<id>.json`, `manifest.jsonl` (one row per input row,
+in input order), `qc/<id>.png`, `qc/summary.{csv,md}`, `qc/registration.png`, `prepare_config.json`.
+Resume: a study whose record says ok for the same source hashes and settings is skipped; everything else is
+(re)done. Temp files live in `OUT/.tmp` and only renames publish results.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import PrepareConfig
+from .shards import atomic_write_bytes
+from .study import VALID_ID, OutputLayout, StudySource, run_study
+
+EXIT_OK = 0
+EXIT_STUDIES_FAILED = 3
+"""`swinssl prepare` exit code when at least one study failed (the good ones are still written)."""
+
+
+@dataclass
+class PrepareSummary:
+    records: list[dict]
+    report: str
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.records if r["status"] != "ok"]
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_STUDIES_FAILED if self.failed else EXIT_OK
+
+
+def _path(base: Path, text: str | None) -> Path | None:
+    text = (text or "").strip()
+    return (base / text).resolve() if text else None
+
+
+def sources_from_csv(csv_path: Path) -> list[StudySource]:
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"study_id", "ct", "pet"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{csv_path}: missing columns {sorted(missing)} (need study_id,ct,pet[,label,cohort])")
+        base = csv_path.parent
+        return [
+            StudySource(row["study_id"].strip(), _path(base, row["ct"]), _path(base, row["pet"]),
+                        _path(base, row.get("label")), (row.get("cohort") or "").strip()
+                        or ("labeled" if (row.get("label") or "").strip() else "unlabeled"), order)
+            for order, row in enumerate(reader)
+        ]
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.nii.gz", folder / f"{stem}.nii", folder / stem):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def sources_from_folder(root: Path) -> list[StudySource]:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    sources = []
+    for order, folder in enumerate(folders):
+        label = _find(folder, "label")
+        sources.append(StudySource(folder.name, _find(folder, "ct"), _find(folder, "pet"), label,
+                                   "labeled" if label else "unlabeled", order))
+    return sources
+
+
+def load_sources(input_path: Path | str) -> list[StudySource]:
+    """Cohort CSV or folder of study folders -> sources in curation order."""
+    input_path = Path(input_path).resolve()
+    if input_path.is_dir():
+        candidate = input_path / "cohort.csv"
+        return sources_from_csv(candidate) if candidate.exists() else sources_from_folder(input_path)
+    if not input_path.exists():
+        raise FileNotFoundError(f"input not found: {input_path}")
+    return sources_from_csv(input_path)
+
+
+def _id_problems(sources: list[StudySource]) -> dict[int, tuple[str, str]]:
+    """Rows that cannot be prepared because of their id: order -> (kind, message)."""
+    counts = Counter(s.study_id for s in sources)
+    problems = {}
+    for s in sources:
+        if counts[s.study_id] > 1:
+            rows = [t.order for t in sources if t.study_id == s.study_id]
+            problems[s.order] = ("duplicate_id", f"study id appears in input rows {rows}; ids must be unique")
+        elif not VALID_ID.match(s.study_id):
+            problems[s.order] = ("bad_id", "ids may contain letters, digits, '.', '_' and '-' only")
+    return problems
+
+
+def config_digest(cfg: PrepareConfig) -> str:
+    """Settings that change the output; QC and threading do not."""
+    relevant = {k: v for k, v in cfg.to_dict().items() if k not in ("itk_threads", "qc_png")}
+    return hashlib.blake2b(json.dumps(relevant, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def _id_failure(source: StudySource, kind: str, message: str) -> dict:
+    return {"order": source.order, "study_id": source.study_id, "cohort": source.cohort, "status": "failed",
+            "error_kind": kind, "error": message, "ct_path": str(source.ct or ""), "pet_path": str(source.pet or ""),
+            "label_path": str(source.label or ""), "skipped": False}
+
+
+def prepare_cohort(input_path: Path | str, out: Path | str, cfg: PrepareConfig | None = None, workers: int = 2,
+                   progress: bool = True, on_record: Callable[[dict], None] | None = None) -> PrepareSummary:
+    """Prepare every study of the cohort. `workers` = studies in flight (Ray tasks); 0 runs in this process."""
+    cfg = cfg or PrepareConfig()
+    layout = OutputLayout(Path(out).resolve())
+    for folder in (layout.shards, layout.records, layout.qc):
+        folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(layout.tmp, ignore_errors=True)  # leftovers of an interrupted run: never published
+    sources = load_sources(input_path)
+    digest = config_digest(cfg)
+    atomic_write_bytes(layout.root / "prepare_config.json",
+                       json.dumps({**cfg.to_dict(), "digest": digest}, indent=1).encode(), layout.tmp)
+    problems = _id_problems(sources)
+    runnable = [s for s in sources if s.order not in problems]
+    records = {o: _id_failure(next(s for s in sources if s.order == o), *p) for o, p in problems.items()}
+    runner = _run_inline if workers <= 0 else _run_ray
+    for record in runner(runnable, layout, cfg, digest, workers, progress):
+        records[record["order"]] = record
+        if on_record:
+            on_record(record)
+    ordered = [records[s.order] for s in sources]
+    _write_manifest(ordered, layout)
+    from .qc import write_summary
+
+    return PrepareSummary(ordered, write_summary(ordered, layout.qc, layout.tmp))
+
+
+def _write_manifest(records: list[dict], layout: OutputLayout) -> None:
+    lines = [json.dumps({k: v for k, v in r.items() if k != "skipped"}) for r in records]
+    atomic_write_bytes(layout.root / "manifest.jsonl", ("\n".join(lines) + "\n").encode(), layout.tmp)
+
+
+def _bar(total: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="prepare", unit="study", disable=not progress)
+
+
+def _run_inline(sources, layout, cfg, digest, workers, progress):
+    with _bar(len(sources), progress) as bar:
+        for source in sources:
+            yield run_study(source, layout, cfg, digest)
+            bar.update()
+
+
+def _run_ray(sources, layout, cfg, digest, workers, progress):
+    """At most `workers` studies in flight: memory is bounded by a few volumes, not by the cohort size."""
+    import ray
+
+    from .raylocal import ensure_ray
+
+    ensure_ray(num_cpus=workers)
+    task = ray.remote(num_cpus=1, max_retries=1)(run_study)
+    pending, queue = {}, list(sources)
+    with _bar(len(sources), progress) as bar:
+        while queue or pending:
+            while queue and len(pending) < workers:
+                source = queue.pop(0)
+                pending[task.remote(source, layout, cfg, digest)] = source
+            done, _ = ray.wait(list(pending), num_returns=1)
+            source = pending.pop(done[0])
+            try:
+                yield ray.get(done[0])
+            except Exception as exc:  # the worker died (OOM kill, segfault in ITK): record and go on
+                yield _id_failure(source, "internal", f"worker failed: {type(exc).__name__}: {exc}"[:500])
+            bar.update()
+
+
+def default_workers() -> int:
+    return max(1, (os.cpu_count() or 2))

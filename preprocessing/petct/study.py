@@ -1,0 +1,174 @@
+"""Prepare one study: read -> register -> resample + normalise -> write shard (+ QC PNG). Returns its record.
+
+The record is the study's manifest row (plain JSON values). It is written atomically to `OUT/records/<id>.json`
+after the shard, so a record with status 'ok' always points at a complete shard.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .config import PrepareConfig
+from .errors import StudyError
+from .io import hash_source, read_ct, read_label, read_pet
+from .normalise import normalise
+from .registration import register_ct_to_pet
+from .resample import antialias, physical_overlap, resample_ct_to_pet
+from .shards import PreparedStudy, atomic_write_bytes, write_shard
+
+VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class StudySource:
+    """One input row: absolute paths (label None for unlabelled studies) and its curation order."""
+
+    study_id: str
+    ct: Path | None
+    pet: Path | None
+    label: Path | None
+    cohort: str
+    order: int
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where `prepare` writes, relative to OUT (documented in README)."""
+
+    root: Path
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def records(self) -> Path:
+        return self.root / "records"
+
+    @property
+    def qc(self) -> Path:
+        return self.root / "qc"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / ".tmp"
+
+    def shard(self, study_id: str) -> Path:
+        return self.shards / f"{study_id}.parquet"
+
+    def record(self, study_id: str) -> Path:
+        return self.records / f"{study_id}.json"
+
+
+class _Timer(dict):
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[stage] = self.get(stage, 0.0) + time.perf_counter() - start
+
+
+def source_hashes(source: StudySource) -> dict:
+    return {"ct": hash_source(source.ct), "pet": hash_source(source.pet), "label": hash_source(source.label)}
+
+
+def _base_record(source: StudySource, hashes: dict, config_digest: str) -> dict:
+    return {
+        "order": source.order, "study_id": source.study_id, "cohort": source.cohort,
+        "ct_path": str(source.ct or ""), "pet_path": str(source.pet or ""), "label_path": str(source.label or ""),
+        "source_hashes": hashes, "config_digest": config_digest,
+    }
+
+
+def is_finished(record: dict | None, hashes: dict, config_digest: str, layout: OutputLayout) -> bool:
+    """A study needs no work when its last run succeeded on the same inputs and settings and its shard exists."""
+    return bool(
+        record and record.get("status") == "ok" and record.get("source_hashes") == hashes
+        and record.get("config_digest") == config_digest and layout.shard(record["study_id"]).exists()
+    )
+
+
+def load_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_study(source: StudySource, layout: OutputLayout, cfg: PrepareConfig, config_digest: str) -> dict:
+    """Prepare one study, never raising for bad input: failures come back as a record with status 'failed'."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(cfg.itk_threads)
+    timer = _Timer()
+    with timer("hash"):
+        hashes = source_hashes(source)
+    previous = load_record(layout.record(source.study_id))
+    if is_finished(previous, hashes, config_digest, layout):
+        return {**previous, "skipped": True}
+    record = _base_record(source, hashes, config_digest)
+    try:
+        record.update(_prepare(source, layout, cfg, timer))
+        record.update(status="ok", error_kind="", error="")
+    except StudyError as exc:
+        record.update(status="failed", error_kind=exc.kind, error=exc.message)
+    except Exception as exc:  # a bug must not take the cohort down: record it with where it happened
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        record.update(status="failed", error_kind="internal",
+                      error=f"{type(exc).__name__}: {exc} ({Path(where.filename).name}:{where.lineno})"[:500])
+    record["timings_s"] = {k: round(v, 4) for k, v in timer.items()}
+    record["prepared_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    atomic_write_bytes(layout.record(source.study_id), json.dumps(record, indent=1).encode(), layout.tmp)
+    return {**record, "skipped": False}
+
+
+def _prepare(source: StudySource, layout: OutputLayout, cfg: PrepareConfig, timer: _Timer) -> dict:
+    sid = source.study_id
+    with timer("read"):
+        ct, pet = read_ct(sid, source.ct), read_pet(sid, source.pet)
+        label = read_label(sid, source.label, pet) if source.label else None
+    if physical_overlap(ct, pet) <= 0:
+        raise StudyError(sid, "no_overlap", "CT and PET fields of view do not intersect in the scanner frame")
+    with timer("resample"):
+        ct_smoothed = antialias(ct, pet.GetSpacing())
+    with timer("register"):
+        try:
+            result = register_ct_to_pet(ct_smoothed, pet, cfg.registration)
+        except RuntimeError as exc:  # ITK: "Joint PDF summed to zero" = nothing in common at identity
+            raise StudyError(sid, "no_overlap", f"CT and PET share no signal at identity ({exc})"[:300]) from exc
+    with timer("resample"):
+        ct_on_pet = resample_ct_to_pet(ct_smoothed, pet, result.transform, cfg.ct_fill_hu)
+        ct_norm = normalise(sitk.GetArrayViewFromImage(ct_on_pet), cfg.ct_window)
+        pet_norm = normalise(sitk.GetArrayViewFromImage(pet), cfg.pet_window)
+        image = np.stack([ct_norm, pet_norm])
+        label_array = None if label is None else sitk.GetArrayFromImage(label)
+    study = PreparedStudy(sid, source.cohort, source.order, image, label_array,
+                          pet.GetSpacing(), pet.GetOrigin(), pet.GetDirection())
+    with timer("write"):
+        shard_bytes = write_shard(layout.shard(sid), study, layout.tmp)
+    record = {
+        "shard": str(layout.shard(sid).relative_to(layout.root)), "shard_bytes": shard_bytes,
+        "shape": list(image.shape[1:]), "spacing": list(pet.GetSpacing()), "origin": list(pet.GetOrigin()),
+        "direction": list(pet.GetDirection()), "ct_window": [cfg.ct_window.lo, cfg.ct_window.hi],
+        "pet_window": [cfg.pet_window.lo, cfg.pet_window.hi], "labeled": label is not None,
+        **result.to_record(),
+    }
+    if cfg.qc_png:
+        with timer("qc"):
+            from .qc import study_png  # matplotlib only when QC is on
+
+            before = resample_ct_to_pet(ct_smoothed, pet, sitk.Euler3DTransform(), cfg.ct_fill_hu)
+            ct_before = normalise(sitk.GetArrayViewFromImage(before), cfg.ct_window)
+            png = layout.qc / f"{sid}.png"
+            study_png(png, study, ct_before, record, layout.tmp)
+            record["qc_png"] = str(png.relative_to(layout.root))
+    return record
