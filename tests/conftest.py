@@ -17,7 +17,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False,
+                 log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -3,8 +3,10 @@
     swinssl synth    --out DIR --unlabeled N --labeled M [--seed S] [--format nifti|dicom] [--scale small|full]
     swinssl prepare  --input cohort.csv|DIR --out OUT [--workers K] [--ct-window LO,HI] [--pet-window LO,HI]
     swinssl export   OUT --study ID --to DIR
+    swinssl pretrain experiments/pretrain.yaml [key=value ...]
 
-Exit codes: 0 success; 2 usage error; 3 `prepare` finished but at least one study failed (see the manifest).
+Exit codes: 0 success; 2 usage or config error; 3 `prepare` finished but at least one study failed (see the
+manifest); 4 training failed after its retries.
 """
 
 from __future__ import annotations
@@ -46,6 +48,29 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from .config import PretrainConfig, load_config
+    from .train.launch import pretrain
+
+    cfg = load_config(args.config, args.overrides, PretrainConfig)
+    try:
+        result = pretrain(cfg)
+    except Exception as exc:  # Ray's TrainingFailedError and friends: the config was fine, training was not
+        from .config import ConfigError
+        from .data.studies import DataError
+
+        if isinstance(exc, (ConfigError, DataError)):
+            raise
+        print(f"swinssl pretrain: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 4
+    print(f"encoder: {result.encoder}")
+    print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items()) if k.startswith("loss")))
+    if result.run_id:
+        print(f"MLflow run {result.run_id} at {result.tracking_uri}  (mlflow ui --backend-store-uri "
+              f"{result.tracking_uri})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swinssl", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -78,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--study", required=True)
     export.add_argument("--to", required=True)
     export.set_defaults(run=_export)
+
+    pre = verbs.add_parser("pretrain", help="self-supervised pretraining on Ray Train")
+    pre.add_argument("config", help="experiment YAML, e.g. experiments/pretrain.yaml")
+    pre.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.steps=10")
+    pre.set_defaults(run=_pretrain)
     return parser
 
 

@@ -40,6 +40,9 @@ class DataConfig:
     """A crop must have at least this share of voxels inside the body (CT channel > body threshold)."""
     read_cpus: float = 1.0
     """CPUs per crop task in the Ray Data pipeline."""
+    min_crops_per_epoch: int = 256
+    """A pass over the data lists each shard often enough to yield at least this many crops: a small cohort would
+    otherwise restart the Ray Data pipeline (seconds) every few steps."""
 
 
 @dataclass
@@ -80,6 +83,8 @@ class PretextConfig:
     cutout_max_drop: float = 0.3
     cutout_cross_sample: float = 0.3
     """Probability that a hole is filled with the same region of another sample instead of noise."""
+    cutout_max_boxes: int = 100
+    """Box draws per sample; ~100 boxes of 5-25 % sides are needed to reach the ~30 % drop of the reference."""
 
 
 @dataclass
@@ -211,3 +216,8 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     os.replace(tmp, path)
     return path
+
+
+def from_dict(data: dict, schema: type[T] = PretrainConfig) -> T:
+    """Rebuild a config from `config_to_dict` output (e.g. inside Ray workers), validated like a YAML."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))  # type: ignore[return-value]

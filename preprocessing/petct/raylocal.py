@@ -3,10 +3,13 @@ embedded local instance. An already initialised Ray (tests, notebooks) is used a
 
 from __future__ import annotations
 
+import math
 import os
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None, min_cpus: float = 0) -> None:
+    """`min_cpus`: logical CPUs the local instance needs at least (training workers + the data pipeline would
+    deadlock on a 2-core machine otherwise; logical CPUs may exceed cores)."""
     import ray
 
     if ray.is_initialized():
@@ -16,4 +19,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     # Small machines: one Parquet footer reader instead of 32 (REFERENCE.md §5).
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+    if num_cpus is None and min_cpus:
+        num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
+    # The dashboard serves the State API that Ray Train's controller polls; bound to loopback, never 0.0.0.0.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)

@@ -1,14 +1,15 @@
 """Ray Data pipeline: prepared shards -> random crops -> per-worker batches.
 
-Design (REFERENCE.md §5): read one study per row, decode it once and cut `crops_per_study` crops right away, so
-rows that leave the read tasks are crops (a few MB), never volumes; shuffle at the file level every epoch
-(`shuffle="files"`) plus a local shuffle buffer on the consumer; no `random_shuffle()` (an all-to-all of volumes
-through the object store). Memory is then bounded by the in-flight read tasks, not by the cohort size.
+Design (REFERENCE.md §5): the dataset's rows are shard paths; a task reads one study, decodes it once and cuts
+`crops_per_study` crops right away, so rows that leave the read tasks are crops (a few MB), never volumes. Shuffle
+is at the file level every epoch (block order) plus a local shuffle buffer on the consumer; no `random_shuffle()`
+(an all-to-all of volumes through the object store). Memory is bounded by the in-flight tasks, not the cohort.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 
@@ -35,21 +36,29 @@ class CropSampler:
         return np.random.default_rng([self.seed, digest, os.getpid(), time.monotonic_ns()])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        crops, ids = [], []
-        for study_id, shape, blob in zip(batch["study_id"], batch["shape"], batch["image"]):
-            volume = np.frombuffer(blob, np.float16).reshape((2, *(int(v) for v in shape)))
-            crops.append(sample_crops(volume, self.roi, self.k, self._rng(str(study_id)), self.min_foreground))
-            ids += [str(study_id)] * self.k
-        return {"image": np.concatenate(crops), "study_id": np.asarray(ids)}
+        """batch["path"]: shard files; each is read (two columns only), decoded once and cut k times."""
+        import pyarrow.parquet as pq
+
+        crops = []
+        for path in batch["path"]:
+            row = pq.read_table(str(path), columns=list(CROP_COLUMNS)).to_pylist()[0]
+            volume = np.frombuffer(row["image"], np.float16).reshape((2, *(int(v) for v in row["shape"])))
+            crops.append(sample_crops(volume, self.roi, self.k, self._rng(row["study_id"]), self.min_foreground))
+        return {"image": np.concatenate(crops)}
 
 
 def crop_dataset(shards: list[str], roi: tuple[int, int, int], crops_per_study: int, seed: int = 0,
-                 min_foreground: float = 0.05, read_cpus: float = 1.0):
-    """A Ray Dataset of crops: columns `image` (float16, (C, *roi)) and `study_id`."""
+                 min_foreground: float = 0.05, read_cpus: float = 1.0, min_crops_per_epoch: int = 0):
+    """A Ray Dataset of crops: one column `image`, float16 (C, *roi) (the trainer casts on its device).
+
+    The dataset is a list of shard paths (one block each, block order randomised every epoch); a read task opens
+    one shard, so a pass can list a small cohort several times (`min_crops_per_epoch`) without re-planning.
+    """
     import ray.data
 
-    dataset = ray.data.read_parquet(list(shards), columns=list(CROP_COLUMNS), shuffle="files",
-                                    override_num_blocks=len(shards))
+    repeats = max(1, math.ceil(min_crops_per_epoch / max(len(shards) * crops_per_study, 1)))
+    files = [{"path": str(path)} for path in list(shards) * repeats]
+    dataset = ray.data.from_items(files, override_num_blocks=len(files)).randomize_block_order()
     return dataset.map_batches(
         _stateless(roi, crops_per_study, seed, min_foreground), batch_size=1, batch_format="numpy",
         num_cpus=read_cpus, zero_copy_batch=True)

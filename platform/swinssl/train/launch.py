@@ -1,0 +1,149 @@
+"""Driver side of `swinssl pretrain`: validate everything before a worker starts, open the MLflow run, launch the
+TorchTrainer on the Ray Data crop stream, then turn the final checkpoint into `encoder.pt`.
+
+Outputs under `output_dir`: `config.yaml` (resolved), `ray/<name>/checkpoint_*` (Ray Train storage: re-running
+with the same output_dir resumes), `encoder.pt` (MONAI `load_from` + BTCV layouts), `mlflow_run.json`, `result.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..config import ConfigError, PretrainConfig, flatten, save_config
+from ..data.studies import check_roi_fits, select_studies
+from ..tasks.pretrain import PretrainTask
+from .checkpoint import latest_checkpoint_dir, load_meta, load_state
+
+
+@dataclass
+class PretrainResult:
+    output_dir: Path
+    encoder: Path
+    metrics: dict
+    run_id: str | None
+    tracking_uri: str | None
+
+
+def model_signature(cfg: PretrainConfig) -> dict:
+    """What a checkpoint must match to be resumed (weights of another shape cannot be loaded)."""
+    return {"feature_size": cfg.model.feature_size, "in_channels": cfg.model.in_channels,
+            "contrastive_dim": cfg.model.contrastive_dim}
+
+
+def check_resumable(cfg: PretrainConfig, output_dir: Path) -> Path | None:
+    latest = latest_checkpoint_dir(output_dir / "ray" / cfg.name)
+    if latest is None:
+        return None
+    saved = {k: load_meta(latest).get(k) for k in model_signature(cfg)}
+    if saved != model_signature(cfg):
+        raise ConfigError(f"{latest} was trained with model {saved}, this config asks for {model_signature(cfg)}: "
+                          f"use another output_dir (or name) to start a new run")
+    return latest
+
+
+def _validate(cfg: PretrainConfig) -> tuple[PretrainTask, list, Path]:
+    if not cfg.output_dir:
+        raise ConfigError("output_dir is required (e.g. output_dir=runs/pretrain)")
+    if not cfg.data.root:
+        raise ConfigError("data.root is required: the output folder of `swinssl prepare`")
+    if cfg.trainer.num_workers < 1:
+        raise ConfigError("trainer.num_workers must be >= 1")
+    task = PretrainTask(cfg)
+    studies = select_studies(cfg.data.root, cfg.data.cohort, cfg.data.subset)
+    check_roi_fits(studies, cfg.data.roi)
+    return task, studies, Path(cfg.output_dir).resolve()
+
+
+def _scaling(cfg: PretrainConfig):
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
+                         resources_per_worker={"CPU": cfg.trainer.cpus_per_worker,
+                                               **({"GPU": 1} if cfg.trainer.use_gpu else {})})
+
+
+def build_trainer(cfg: PretrainConfig, studies: list, output_dir: Path, tracking: dict | None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from ..data.pipeline import crop_dataset
+    from .worker import pretrain_worker
+
+    dataset = crop_dataset([s.shard for s in studies], tuple(cfg.data.roi), cfg.data.crops_per_study,
+                           cfg.trainer.seed, cfg.data.min_foreground, cfg.data.read_cpus,
+                           cfg.data.min_crops_per_epoch)
+    return TorchTrainer(
+        pretrain_worker,
+        train_loop_config={"cfg": asdict(cfg), "tracking": tracking, "meta": model_signature(cfg),
+                           "chaos": _chaos(cfg, output_dir)},
+        scaling_config=_scaling(cfg),
+        run_config=RunConfig(name=cfg.name, storage_path=str(output_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints)),
+        datasets={"train": dataset},
+    )
+
+
+def _chaos(cfg: PretrainConfig, output_dir: Path) -> dict | None:
+    from .worker import CHAOS_ENV
+
+    step = int(os.environ.get(CHAOS_ENV, "0") or 0)
+    if not step:
+        return None
+    return {"kill_step": step, "rank": cfg.trainer.num_workers - 1, "marker": str(output_dir / ".chaos_fired")}
+
+
+def _open_tracking(cfg: PretrainConfig, output_dir: Path, studies: list) -> dict | None:
+    if not cfg.tracking.enabled:
+        return None
+    from ..tracking.mlflow_run import log_artifact, open_run, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking, output_dir)
+    params = {**flatten(cfg), "data.num_studies": len(studies)}
+    run_id = open_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name, output_dir, params,
+                      tags={"swinssl.kind": "pretrain"}, parent_run_id=os.environ.get("SWINSSL_PARENT_RUN_ID"))
+    log_artifact(uri, run_id, output_dir / "config.yaml")
+    return {"uri": uri, "run_id": run_id}
+
+
+def export_encoder(cfg: PretrainConfig, task: PretrainTask, checkpoint_dir: str | Path, path: Path) -> Path:
+    from ..models.encoder_io import save_encoder
+
+    state = load_state(checkpoint_dir)
+    model = task.build_model()
+    model.load_state_dict(state["model"])
+    return save_encoder(model, path, extra={"step": int(state["loop"]["step"]), "source": "swinssl.pretrain",
+                                            "roi": list(cfg.data.roi)})
+
+
+def pretrain(cfg: PretrainConfig) -> PretrainResult:
+    """Run (or resume) a pretraining run end to end; see the module docstring for the outputs."""
+    from petct.raylocal import ensure_ray
+
+    task, studies, output_dir = _validate(cfg)
+    check_resumable(cfg, output_dir)
+    save_config(cfg, output_dir / "config.yaml")
+    tracking = _open_tracking(cfg, output_dir, studies)
+    # workers + their data tasks + Train's controller: on a small machine ask for enough logical CPUs
+    ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2 * cfg.data.read_cpus)
+    try:
+        result = build_trainer(cfg, studies, output_dir, tracking).fit()
+    except Exception:
+        if tracking:
+            from ..tracking.mlflow_run import finish_run
+
+            finish_run(tracking["uri"], tracking["run_id"], "FAILED")
+        raise
+    with result.checkpoint.as_directory() as directory:
+        encoder = export_encoder(cfg, task, directory, output_dir / "encoder.pt")
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    (output_dir / "result.json").write_text(json.dumps({"metrics": metrics, "encoder": str(encoder)}, indent=1))
+    if tracking:
+        from ..tracking.mlflow_run import finish_run, log_artifact
+
+        log_artifact(tracking["uri"], tracking["run_id"], encoder)
+        finish_run(tracking["uri"], tracking["run_id"])
+    return PretrainResult(output_dir, encoder, metrics, tracking and tracking["run_id"], tracking and tracking["uri"])

@@ -1,0 +1,85 @@
+"""What runs inside each Ray Train worker: rebuild config and task, wrap the model in DDP, stream this worker's
+dataset shard, hand everything to the task-agnostic loop with hooks that report to Ray and MLflow."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+from ray.train import Checkpoint
+
+from ..config import PretrainConfig, from_dict
+from ..tasks.pretrain import PretrainTask
+from . import loop
+
+CHAOS_ENV = "SWINSSL_CHAOS_KILL_STEP"
+"""Resilience testing: `SWINSSL_CHAOS_KILL_STEP=3` (read by the driver) makes the last-rank worker SIGKILL itself
+once, right after step 3, to exercise Ray Train's restart-from-checkpoint path for real."""
+
+
+class RayHooks(loop.Hooks):
+    """Reports to Ray Train (a barrier on all ranks); rank 0 buffers metrics for MLflow."""
+
+    def __init__(self, rank: int, tracking: dict[str, str] | None, chaos: dict | None = None):
+        self.chaos = chaos or {}
+        self.buffer = None
+        if rank == 0 and tracking:
+            from ..tracking.mlflow_run import MetricBuffer
+
+            self.buffer = MetricBuffer(tracking["uri"], tracking["run_id"])
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.buffer:
+            self.buffer.log(metrics, step)
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.buffer.flush()
+
+    def after_step(self, step: int, rank: int) -> None:
+        if step != self.chaos.get("kill_step") or rank != self.chaos.get("rank"):
+            return
+        marker = Path(self.chaos["marker"])
+        if marker.exists():
+            return
+        marker.write_text(f"killed rank {rank} after step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pretrain_worker(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker` of the pretraining TorchTrainer."""
+    import torch
+
+    cfg: PretrainConfig = from_dict(config["cfg"])
+    task = PretrainTask(cfg)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.trainer.seed)  # identical init everywhere (DDP also broadcasts rank 0's weights)
+    raw = task.build_model()
+    model = ray.train.torch.prepare_model(
+        raw, parallel_strategy_kwargs={"find_unused_parameters": task.unused_parameters()})
+    device = ray.train.torch.get_device()
+    shard = ray.train.get_dataset_shard("train")
+
+    def next_epoch(epoch: int):
+        return shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True,
+                                        local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                                        local_shuffle_seed=cfg.trainer.seed * 7919 + epoch * 31 + rank)
+
+    hooks = RayHooks(rank, config.get("tracking"), config.get("chaos"))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        loop.run(task, model, raw, next_epoch, cfg.trainer, cfg.optim, device, rank, world, hooks,
+                 meta=config.get("meta"))
+        return
+    with checkpoint.as_directory() as resume_dir:
+        loop.run(task, model, raw, next_epoch, cfg.trainer, cfg.optim, device, rank, world, hooks,
+                 resume_dir=resume_dir, meta=config.get("meta"))
