@@ -61,7 +61,8 @@ def test_two_workers_killed_resume_and_export(prepared, tmp_path, ray_session, m
     result = pretrain(cfg)
     monkeypatch.delenv(CHAOS_ENV)
     assert (out / ".chaos_fired").exists(), "the fault was not injected"
-    assert result.metrics["step"] == 5 and load_state(latest_checkpoint_dir(out / "ray" / cfg.name))["loop"]["step"] == 5
+    assert result.metrics["step"] == 5
+    assert load_state(latest_checkpoint_dir(out / "ray" / cfg.name))["loop"]["step"] == 5
     uri, run_id = result.tracking_uri, result.run_id
     assert _metric_steps(uri, run_id, "loss") == [1, 2, 3, 4, 5]  # step 3 redone after the kill, logged once
     for key in ("loss_rotation", "loss_contrastive", "loss_inpainting", "lr", "samples_per_s", "data_wait_fraction"):
