@@ -72,6 +72,10 @@ def test_two_workers_killed_resume_and_export(prepared, tmp_path, ray_session, m
     result = pretrain(_cfg(prepared[0], out, "trainer.steps=7", "trainer.checkpoint_every=2"))
     assert result.run_id == run_id and result.metrics["step"] == 7
     assert _metric_steps(uri, run_id, "loss") == list(range(1, 8))
+    checkpoints = sorted(p.name for p in (out / "ray" / cfg.name).glob("checkpoint_*"))
+    again = pretrain(_cfg(prepared[0], out, "trainer.steps=7"))  # rerun of a finished command: nothing to train
+    assert again.metrics["step"] == 7 and sorted(p.name for p in (out / "ray" / cfg.name).glob("checkpoint_*")) \
+        == checkpoints
 
     from mlflow.tracking import MlflowClient
 

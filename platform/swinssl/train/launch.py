@@ -119,14 +119,9 @@ def export_encoder(cfg: PretrainConfig, task: PretrainTask, checkpoint_dir: str 
                                             "roi": list(cfg.data.roi)})
 
 
-def pretrain(cfg: PretrainConfig) -> PretrainResult:
-    """Run (or resume) a pretraining run end to end; see the module docstring for the outputs."""
+def _fit(cfg: PretrainConfig, task: PretrainTask, studies: list, output_dir: Path, tracking: dict | None):
     from petct.raylocal import ensure_ray
 
-    task, studies, output_dir = _validate(cfg)
-    check_resumable(cfg, output_dir)
-    save_config(cfg, output_dir / "config.yaml")
-    tracking = _open_tracking(cfg, output_dir, studies)
     # workers + their data tasks + Train's controller: on a small machine ask for enough logical CPUs
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2 * cfg.data.read_cpus)
     try:
@@ -139,7 +134,22 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         raise
     with result.checkpoint.as_directory() as directory:
         encoder = export_encoder(cfg, task, directory, output_dir / "encoder.pt")
-    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    return encoder, {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+
+
+def pretrain(cfg: PretrainConfig) -> PretrainResult:
+    """Run (or resume) a pretraining run end to end; see the module docstring for the outputs."""
+    task, studies, output_dir = _validate(cfg)
+    latest = check_resumable(cfg, output_dir)
+    save_config(cfg, output_dir / "config.yaml")
+    tracking = _open_tracking(cfg, output_dir, studies)
+    if latest is not None and load_meta(latest).get("step", 0) >= cfg.trainer.steps:
+        # a rerun of a finished command: nothing to launch, re-export from the last checkpoint
+        encoder = export_encoder(cfg, task, latest, output_dir / "encoder.pt")
+        previous = output_dir / "result.json"
+        metrics = json.loads(previous.read_text())["metrics"] if previous.exists() else {}
+    else:
+        encoder, metrics = _fit(cfg, task, studies, output_dir, tracking)
     (output_dir / "result.json").write_text(json.dumps({"metrics": metrics, "encoder": str(encoder)}, indent=1))
     if tracking:
         from ..tracking.mlflow_run import finish_run, log_artifact

@@ -1,0 +1,83 @@
+"""swinssl.eval.folds: deterministic, disjoint, covering, balanced and lesion-stratified folds."""
+
+from __future__ import annotations
+
+import pytest
+
+from swinssl.eval.folds import fold_train_val, kfold_split
+
+
+def _cohort() -> tuple[list[str], list[bool]]:
+    """45 studies, 30 of them lesion-bearing, interleaved (every third study is lesion-free)."""
+    ids = [f"study_{i:03d}" for i in range(45)]
+    flags = [i % 3 != 0 for i in range(45)]
+    assert sum(flags) == 30
+    return ids, flags
+
+
+def test_deterministic_and_seed_dependent() -> None:
+    ids, flags = _cohort()
+    a = kfold_split(ids, flags, folds=5, seed=0)
+    assert a == kfold_split(ids, flags, folds=5, seed=0)
+    assert a != kfold_split(ids, flags, folds=5, seed=1)
+
+
+def test_input_order_does_not_matter() -> None:
+    ids, flags = _cohort()
+    rev = kfold_split(ids[::-1], flags[::-1], folds=5, seed=3)
+    assert rev == kfold_split(ids, flags, folds=5, seed=3)
+
+
+def test_disjoint_covering_balanced_sorted() -> None:
+    ids, flags = _cohort()
+    folds = kfold_split(ids, flags, folds=5, seed=0)
+    assert len(folds) == 5
+    flat = [s for fold in folds for s in fold]
+    assert len(flat) == len(set(flat)) == 45  # disjoint
+    assert set(flat) == set(ids)  # covering
+    assert all(fold == sorted(fold) for fold in folds)
+    assert [len(f) for f in folds] == [9] * 5
+
+
+def test_lesion_studies_spread_exactly() -> None:
+    ids, flags = _cohort()
+    lesion = {i for i, f in zip(ids, flags) if f}
+    for seed in range(5):
+        folds = kfold_split(ids, flags, folds=5, seed=seed)
+        assert [len(lesion.intersection(f)) for f in folds] == [6] * 5
+
+
+def test_uneven_sizes_differ_by_at_most_one() -> None:
+    ids = [f"s{i}" for i in range(23)]
+    flags = [i < 7 for i in range(23)]  # 7 lesion, 16 without
+    folds = kfold_split(ids, flags, folds=4, seed=2)
+    sizes = [len(f) for f in folds]
+    assert sum(sizes) == 23 and max(sizes) - min(sizes) <= 1
+    counts = [sum(s in set(ids[:7]) for s in f) for f in folds]
+    assert sorted(counts) == [1, 2, 2, 2]  # 7 lesion studies over 4 folds
+
+
+def test_fold_train_val() -> None:
+    ids, flags = _cohort()
+    folds = kfold_split(ids, flags, folds=5, seed=0)
+    for k in range(5):
+        train, val = fold_train_val(folds, k)
+        assert val == folds[k]
+        assert len(train) == 36 and not set(train) & set(val)
+        assert sorted(train + val) == sorted(ids)
+        assert train == sorted(train)
+    with pytest.raises(ValueError, match="out of range"):
+        fold_train_val(folds, 5)
+    with pytest.raises(ValueError, match="out of range"):
+        fold_train_val(folds, -1)
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="4 studies into 5 folds"):
+        kfold_split(["a", "b", "c", "d"], [True, False, True, False], folds=5)
+    with pytest.raises(ValueError, match="duplicated"):
+        kfold_split(["a", "b", "a", "c", "d"], [True] * 5, folds=2)
+    with pytest.raises(ValueError, match=">= 2"):
+        kfold_split(["a", "b"], [True, False], folds=1)
+    with pytest.raises(ValueError, match="has_lesion"):
+        kfold_split(["a", "b", "c"], [True, False], folds=2)
