@@ -1,24 +1,30 @@
 """Benchmark the pretraining crop stream (Ray Data over Parquet shards) against the MONAI reference loader.
 
-    python benchmarks/loader.py [--studies 4] [--roi 96 96 96] [--crops-per-study 2] [--passes 10]
-                                [--out bench_out/loader]
+    python benchmarks/loader.py [--studies 4] [--roi 96 96 96] [--crops-per-study 2] [--passes 20] [--trials 2]
+                                [--no-variants] [--out bench_out/loader]
 
 What it measures, all in this one process so the ratios hold on a noisy machine, with 2 CPUs for each loader:
-1. Data: a full-scale synthetic cohort of N unlabelled studies, prepared (`prepare_cohort`, no QC PNGs) and exported
-   to NIfTI (`export_study`), so both loaders read the same prepared volumes: ours as one-study Parquet shards
-   (float16), the baseline as ct.nii.gz + pet.nii.gz pairs (float32, [0, 1]). Reused when already there.
+1. Data: a full-scale synthetic cohort of N unlabelled studies, prepared (`prepare_cohort`, 2 workers, no QC PNGs)
+   and exported to NIfTI (`export_study`), so both loaders read the same prepared volumes: ours as one-study Parquet
+   shards (float16), the baseline as ct.nii.gz + pet.nii.gz pairs (float32, [0, 1]). Reused when already there.
 2. Baseline, what research-contributions SwinUNETR/Pretrain does: LoadImaged + EnsureChannelFirstd + ConcatItemsd
    (2 channels) + ScaleIntensityRanged + RandSpatialCropSamplesd(roi, crops per study) in a torch DataLoader with
-   2 workers (list_data_collate), over the N pairs listed `--passes` times.
+   2 workers (list_data_collate, shuffled), over the N pairs listed `--passes` times.
 3. Ours: `crop_dataset(...)` on a fresh `ray.init(num_cpus=2)`, consumed on the driver with
-   `iter_torch_batches(batch_size, drop_last=True, local_shuffle_buffer_size=8)` as a Train worker does, over the N
-   shards (one pass) and then over the N shards listed `--passes` times (10N by default).
-   Throughput: crops delivered as torch tensors per second, after the first batch (warm-up excluded for both).
-4. Peak memory of the whole process tree (this driver and every descendant: Ray's GCS, raylet, agents and workers,
-   or the DataLoader workers): the sum of RSS (and of PSS, which does not count shared object-store pages twice),
-   sampled every 0.2 s; plus the peak object-store usage (Ray's memory summary, sampled every second).
-5. Where the time goes, per study in this process: read + decode one shard as the crop task does (and without the
-   `to_pylist` copy), cut the crops, versus load one NIfTI pair and run the rest of the reference transforms.
+   `iter_torch_batches(batch_size, drop_last=True, local_shuffle_buffer_size=8)` as a Train worker does, over the
+   N shards listed `--passes` times (throughput), once (N) and 10 times (10N).
+   Throughput: crops delivered as torch tensors per second after the first batch (warm-up excluded for both); also
+   over the middle 80% of the batches (`crops_per_s_mid80`: no start-up, no pipeline fill or drain). Baseline and
+   ours alternate `--trials` times and the rates are averaged, so a busy neighbour on the machine slows both alike;
+   `crops_per_cpu_s` (crops per CPU second of the whole tree) does not depend on the neighbour at all.
+4. Memory of the whole process tree (this driver and every descendant: Ray's GCS, raylet, agents, workers, or the
+   DataLoader workers): peak of the summed RSS (and PSS, which counts shared object-store pages once), sampled
+   every 0.2 s; peak object-store usage (Ray's memory summary, every second); CPU seconds per process kind.
+5. Where the time goes, per study in this process (one thread): read + decode one shard as the crop task does
+   (and without the `to_pylist` copy), cut the crops (of which the whole-volume body mask), versus load one NIfTI
+   pair and run the rest of the reference chain. `ideal_crops_per_s` = 2 CPUs / that per-study cost.
+6. Diagnostics (skip with --no-variants): ours again with Ray Data's operator resource reservation off, and with
+   `read_cpus=0.5` (two read tasks per CPU).
 Goals: ours >= 5x the baseline's crops/s; peak RSS streaming 10N within 15% of streaming N (flat in cohort size).
 """
 
@@ -26,24 +32,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
     import psutil
 
-WARMUP_BATCHES = 1
 SAMPLE_PERIOD_S = 0.2
-STORE_EVERY = 5  # object-store samples every 5th memory sample (an RPC to the raylet, ~40 ms)
+STORE_EVERY = 5  # object-store samples every 5th tick (an RPC to the raylet, ~40 ms)
+SHUFFLE_BUFFER = 8
+TASK_NAMES = ("ray::IDLE", "ray::MapBatches", "ray::ReadItems", "ray::FromItems", "ray::RandomizeBlockOrder")
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -51,11 +59,11 @@ STORE_EVERY = 5  # object-store samples every 5th memory sample (an RPC to the r
 
 def build_cohort(out: Path, studies: int, seed: int) -> tuple[list[str], list[dict[str, str]]]:
     """Shard paths and NIfTI pairs of N prepared unlabelled studies, built unless already there."""
+    from swinssl.data.studies import select_studies
+
     prepared, nifti = out / "prepared", out / "nifti"
     if not cohort_ready(prepared, nifti, studies):
         prepare(out, studies, seed)
-    from swinssl.data.studies import select_studies
-
     refs = select_studies(prepared, "unlabeled")
     pairs = [{key: str(nifti / r.study_id / f"{key}.nii.gz") for key in ("ct", "pet")} for r in refs]
     return [r.shard for r in refs], pairs
@@ -100,7 +108,7 @@ def start_ray() -> None:
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
 
 
-# ------------------------------------------------------------------------------------------------- memory
+# ------------------------------------------------------------------------------------- process-tree monitor
 
 
 def load_psutil():
@@ -112,16 +120,20 @@ def load_psutil():
     return importlib.import_module("psutil")
 
 
-def tree_memory(root: psutil.Process) -> tuple[int, int]:
-    """(sum of RSS, sum of PSS) in bytes of `root` and all its descendants."""
-    psutil, rss, pss = load_psutil(), 0, 0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            info = proc.memory_full_info()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-        rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
-    return rss, pss
+def process_kind(proc: psutil.Process, root: psutil.Process) -> str:
+    """driver / ray_tasks (the crop tasks' workers) / loader_workers / any other process by its title or script."""
+    if proc.pid == root.pid:
+        return "driver"
+    name = proc.name()
+    if name.startswith(TASK_NAMES):
+        return "ray_tasks"
+    if not name.startswith("python"):
+        return name.split(".")[0]
+    command = proc.cmdline()
+    if command == root.cmdline():
+        return "loader_workers"  # forked DataLoader workers
+    scripts = [Path(part).name for part in command if part.endswith(".py")]
+    return scripts[0] if scripts else name  # Ray's helpers: log_monitor.py, monitor.py, ...
 
 
 def object_store_mib() -> float:
@@ -141,80 +153,131 @@ def object_store_mib() -> float:
     return float(found.group(1)) if found else 0.0
 
 
-class PeakMemory:
-    """Context manager: peak tree RSS / PSS and peak object-store usage, sampled in a daemon thread."""
+class TreeMonitor:
+    """Context manager sampling the process tree in a daemon thread: peak summed RSS / PSS, peak object-store
+    usage, and CPU seconds spent inside the block per process kind (last sample of each process)."""
 
     def __init__(self) -> None:
+        self.psutil = load_psutil()
+        self.root = self.psutil.Process()
         self.rss = self.pss = 0
         self.store_mib = 0.0
+        self.cpu_start: dict[int, float] = {}
+        self.cpu_last: dict[int, tuple[str, float]] = {}
+        self.wall = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> TreeMonitor:
+        self.cpu_start = {pid: cpu for pid, (_, cpu) in self._sample().items()}
+        self.wall = time.perf_counter()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
+        self.wall = time.perf_counter() - self.wall
 
     def _run(self) -> None:
-        root, tick = load_psutil().Process(), 0
+        tick = 0
         while not self._stop.wait(SAMPLE_PERIOD_S):
-            rss, pss = tree_memory(root)
-            self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
+            self._sample()
             if tick % STORE_EVERY == 0:
                 self.store_mib = max(self.store_mib, object_store_mib())
             tick += 1
 
-    def report(self) -> dict[str, float]:
+    def _sample(self) -> dict[int, tuple[str, float]]:
+        rss = pss = 0
+        for proc in [self.root, *self.root.children(recursive=True)]:
+            try:
+                with proc.oneshot():
+                    memory, cpu = proc.memory_full_info(), proc.cpu_times()
+                    self.cpu_last[proc.pid] = (process_kind(proc, self.root), cpu.user + cpu.system)
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
+                continue
+            rss, pss = rss + memory.rss, pss + getattr(memory, "pss", memory.rss)
+        self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
+        return self.cpu_last
+
+    def report(self) -> dict[str, Any]:
+        cpu: dict[str, float] = {}
+        for pid, (kind, seconds) in self.cpu_last.items():
+            cpu[kind] = cpu.get(kind, 0.0) + seconds - self.cpu_start.get(pid, 0.0)
+        cpu = dict(sorted(((k, round(v, 2)) for k, v in cpu.items() if v >= 0.05), key=lambda kv: -kv[1]))
         return {"rss_peak_mb": round(self.rss / 2**20, 1), "pss_peak_mb": round(self.pss / 2**20, 1),
-                "object_store_peak_mib": self.store_mib}
+                "object_store_peak_mib": self.store_mib, "cpu_s": cpu,
+                "cpu_use_of_2_cores": round(sum(cpu.values()) / (2 * self.wall), 2)}
 
 
 # ---------------------------------------------------------------------------------------------- streaming
 
 
 def consume(images: Iterable, crop_shape: tuple[int, ...]) -> dict[str, float]:
-    """Drain a stream of crop batches; crops/s counts tensors delivered after the warm-up batch."""
+    """Drain a stream of crop batches, checking each is a torch tensor (B, *crop_shape); rates count crops after
+    the first batch, and over the middle 80% of batches."""
     import torch
 
-    start, first, crops = time.perf_counter(), 0.0, 0
-    for index, batch in enumerate(images):
+    start, stamps, sizes = time.perf_counter(), [], []
+    for batch in images:
         if not isinstance(batch, torch.Tensor) or tuple(batch.shape[1:]) != crop_shape:
             raise TypeError(f"expected tensor batches (B, {crop_shape}), got {type(batch)} {batch.shape}")
-        if index < WARMUP_BATCHES:
-            first = time.perf_counter()
-            continue
-        crops += batch.shape[0]
-    steady = time.perf_counter() - first
-    return {"crops": crops, "warmup_s": round(first - start, 2), "steady_s": round(steady, 2),
-            "crops_per_s": round(crops / steady, 3) if crops else 0.0}
+        stamps.append(time.perf_counter())
+        sizes.append(int(batch.shape[0]))
+    if len(stamps) < 2:
+        raise ValueError("need at least two batches to time a stream")
+    first, last = 0, len(stamps) - 1
+    low, high = len(stamps) // 10, len(stamps) - 1 - len(stamps) // 10
+    return {"crops": sum(sizes[1:]), "crops_total": sum(sizes), "warmup_s": round(stamps[0] - start, 2),
+            "steady_s": round(stamps[last] - stamps[first], 2),
+            "crops_per_s": rate(sizes, stamps, first, last), "crops_per_s_mid80": rate(sizes, stamps, low, high)}
 
 
-def ours(shards: list[str], args: argparse.Namespace, repeats: int) -> dict[str, float]:
-    """Our crop stream over the shards listed `repeats` times, on a fresh 2-CPU Ray."""
+def rate(sizes: list[int], stamps: list[float], low: int, high: int) -> float:
+    """Crops of batches low+1..high over the time from batch low to batch high."""
+    seconds = stamps[high] - stamps[low]
+    return round(sum(sizes[low + 1:high + 1]) / seconds, 2) if seconds > 0 else float("inf")
+
+
+def finish(studies: int, stream: dict[str, Any], monitor: TreeMonitor) -> dict[str, Any]:
+    """One run's record; `crops_per_cpu_s` (all crops over all CPU seconds of the tree) does not depend on how
+    much of the 2 cores other processes on the machine left to this one."""
+    usage = monitor.report()
+    cpu = sum(usage["cpu_s"].values())
+    return {"studies_streamed": studies, **stream, **usage, "crops_per_cpu_s": round(stream["crops_total"] / cpu, 2)}
+
+
+def ours(shards: list[str], args: argparse.Namespace, repeats: int, read_cpus: float = 1.0,
+         context: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Our crop stream over the shards listed `repeats` times, on a fresh 2-CPU Ray; `context` overrides
+    DataContext fields for this run only."""
     import ray
     import ray.data
 
     from swinssl.data.pipeline import crop_dataset
 
+    ctx = ray.data.DataContext.get_current()
+    saved = {key: getattr(ctx, key) for key in context or {}}
     start_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ray.data.DataContext.get_current().print_on_execution_start = False
     try:
-        with PeakMemory() as memory:
+        for key, value in (context or {}).items():
+            setattr(ctx, key, value)
+        with TreeMonitor() as monitor:
+            crops = len(shards) * args.crops_per_study * repeats
             dataset = crop_dataset(shards, tuple(args.roi), args.crops_per_study, seed=args.seed,
-                                   min_crops_per_epoch=len(shards) * args.crops_per_study * repeats)
+                                   read_cpus=read_cpus, min_crops_per_epoch=crops)
             batches = dataset.iter_torch_batches(batch_size=args.batch_size, drop_last=True,
-                                                 local_shuffle_buffer_size=8)
+                                                 local_shuffle_buffer_size=SHUFFLE_BUFFER)
             stream = consume((b["image"] for b in batches), (2, *args.roi))
     finally:
         ray.shutdown()
-    return {**stream, **memory.report()}
+        for key, value in saved.items():
+            setattr(ctx, key, value)
+    return finish(len(shards) * repeats, stream, monitor)
 
 
-def monai_steps(roi: list[int], crops_per_study: int) -> list:
+def monai_steps(roi: list[int], crops_per_study: int) -> list[Callable]:
     """The reference pretraining's transform chain on an already normalised 2-channel pair."""
     from monai.transforms import (
         ConcatItemsd,
@@ -235,7 +298,7 @@ def monai_steps(roi: list[int], crops_per_study: int) -> list:
     ]
 
 
-def monai(pairs: list[dict[str, str]], args: argparse.Namespace, repeats: int) -> dict[str, float]:
+def monai(pairs: list[dict[str, str]], args: argparse.Namespace, repeats: int) -> dict[str, Any]:
     """MONAI Dataset + torch DataLoader (2 workers) over the NIfTI pairs listed `repeats` times."""
     from monai.data import DataLoader, Dataset, list_data_collate
     from monai.transforms import Compose
@@ -243,25 +306,25 @@ def monai(pairs: list[dict[str, str]], args: argparse.Namespace, repeats: int) -
     dataset = Dataset(pairs * repeats, Compose(monai_steps(args.roi, args.crops_per_study)))
     loader = DataLoader(dataset, batch_size=max(1, args.batch_size // args.crops_per_study), shuffle=True,
                         num_workers=2, collate_fn=list_data_collate, drop_last=True)
-    with PeakMemory() as memory:
+    with TreeMonitor() as monitor:
         stream = consume((b["image"].as_tensor() for b in loader), (2, *args.roi))
-    return {**stream, **memory.report()}
+    return finish(len(pairs) * repeats, stream, monitor)
 
 
 # ---------------------------------------------------------------------------------------------- breakdown
 
 
-def timed(fn, *a, **kw) -> tuple[float, object]:
+def timed(fn: Callable, *a: Any) -> tuple[float, Any]:
     start = time.perf_counter()
-    value = fn(*a, **kw)
+    value = fn(*a)
     return time.perf_counter() - start, value
 
 
 def shard_costs(path: str, roi: tuple[int, ...], k: int) -> dict[str, float]:
-    """Seconds to read + decode one shard as CropSampler does, without to_pylist, and to cut k crops."""
+    """Seconds to read + decode one shard as CropSampler does, without the to_pylist copy, and to cut k crops."""
     import pyarrow.parquet as pq
 
-    from swinssl.data.crops import sample_crops
+    from swinssl.data.crops import BODY_THRESHOLD, sample_crops
     from swinssl.data.pipeline import CROP_COLUMNS
 
     def as_sampler() -> np.ndarray:
@@ -273,13 +336,13 @@ def shard_costs(path: str, roi: tuple[int, ...], k: int) -> dict[str, float]:
         shape = table.column("shape")[0].as_py()
         return np.frombuffer(table.column("image").chunk(0).buffers()[2], np.float16).reshape((2, *shape))
 
+    parquet, _ = timed(lambda: pq.read_table(path, columns=list(CROP_COLUMNS)))
     read, volume = timed(as_sampler)
     arrow, _ = timed(zero_copy)
-    parquet_only, _ = timed(pq.read_table, path, columns=list(CROP_COLUMNS))
     crop, _ = timed(sample_crops, volume, roi, k, np.random.default_rng(0), 0.05)
-    body, _ = timed(np.greater, volume[0], 0.3)
-    return {"shard_parquet_read_s": parquet_only, "shard_read_decode_s": read, "shard_read_zero_copy_s": arrow,
-            "crop_s": crop, "crop_body_mask_s": body}
+    mask, _ = timed(np.greater, volume[0], BODY_THRESHOLD)
+    return {"shard_parquet_read_s": parquet, "shard_read_decode_s": read, "shard_read_zero_copy_s": arrow,
+            "crop_s": crop, "crop_body_mask_s": mask}
 
 
 def nifti_costs(pair: dict[str, str], roi: list[int], k: int) -> dict[str, float]:
@@ -293,39 +356,73 @@ def nifti_costs(pair: dict[str, str], roi: list[int], k: int) -> dict[str, float
 
 
 def breakdown(shards: list[str], pairs: list[dict[str, str]], args: argparse.Namespace) -> dict[str, float]:
-    """Median per-study costs over the cohort, one study at a time in this process (one thread each)."""
+    """Median per-study costs over the cohort, one study at a time in this process, one thread (as in a worker)."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker / a Ray task
-    rows = [{**shard_costs(s, tuple(args.roi), args.crops_per_study),
-             **nifti_costs(p, args.roi, args.crops_per_study)} for s, p in zip(shards, pairs)]
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
+    try:
+        rows = [{**shard_costs(s, tuple(args.roi), args.crops_per_study),
+                 **nifti_costs(p, args.roi, args.crops_per_study)} for s, p in zip(shards, pairs)]
+    finally:
+        torch.set_num_threads(threads)
     return {key: round(statistics.median(r[key] for r in rows), 3) for key in rows[0]}
 
 
 # ------------------------------------------------------------------------------------------------- report
 
 
+def run_all(shards: list[str], pairs: list[dict[str, str]], args: argparse.Namespace) -> dict[str, dict]:
+    """Throughput trials alternate baseline and ours (a busy neighbour then slows both alike), then memory runs."""
+    runs = {}
+    for trial in range(args.trials):
+        runs[f"monai_{trial}"] = monai(pairs, args, args.passes)
+        runs[f"ours_{trial}"] = ours(shards, args, args.passes)
+    runs["ours_N"], runs["ours_10N"] = ours(shards, args, 1), ours(shards, args, 10)
+    if args.variants:
+        runs["ours_no_op_reservation"] = ours(shards, args, args.passes,
+                                              context={"op_resource_reservation_enabled": False})
+        runs["ours_read_cpus_0.5"] = ours(shards, args, args.passes, read_cpus=0.5)
+    return runs
+
+
+def mean_of(runs: dict[str, dict], prefix: str, trials: int, key: str) -> float:
+    return round(statistics.mean(runs[f"{prefix}_{t}"][key] for t in range(trials)), 2)
+
+
+def throughput(runs: dict[str, dict], trials: int) -> dict[str, Any]:
+    ours_rate, base_rate = mean_of(runs, "ours", trials, "crops_per_s"), mean_of(runs, "monai", trials, "crops_per_s")
+    ratio = {key: round(mean_of(runs, "ours", trials, key) / mean_of(runs, "monai", trials, key), 2)
+             for key in ("crops_per_s_mid80", "crops_per_cpu_s")}
+    return {"ours_crops_per_s": ours_rate, "monai_crops_per_s": base_rate, "speedup": round(ours_rate / base_rate, 2),
+            "speedup_trials": [round(runs[f"ours_{t}"]["crops_per_s"] / runs[f"monai_{t}"]["crops_per_s"], 2)
+                               for t in range(trials)],
+            "speedup_mid80": ratio["crops_per_s_mid80"], "cpu_efficiency_ratio": ratio["crops_per_cpu_s"]}
+
+
+def memory(runs: dict[str, dict], args: argparse.Namespace) -> dict[str, Any]:
+    n, ten = runs["ours_N"], runs["ours_10N"]
+    return {"rss_peak_mb_N": n["rss_peak_mb"], "rss_peak_mb_10N": ten["rss_peak_mb"],
+            "rss_ratio": round(ten["rss_peak_mb"] / n["rss_peak_mb"], 3),
+            f"rss_peak_mb_{args.passes}N": max(runs[f"ours_{t}"]["rss_peak_mb"] for t in range(args.trials)),
+            "pss_peak_mb_N": n["pss_peak_mb"], "pss_peak_mb_10N": ten["pss_peak_mb"],
+            "pss_ratio": round(ten["pss_peak_mb"] / n["pss_peak_mb"], 3),
+            "object_store_peak_mib_N": n["object_store_peak_mib"],
+            "object_store_peak_mib_10N": ten["object_store_peak_mib"],
+            "monai_rss_peak_mb": max(runs[f"monai_{t}"]["rss_peak_mb"] for t in range(args.trials))}
+
+
 def summarise(args: argparse.Namespace, shards: list[str], runs: dict[str, dict], costs: dict) -> dict:
-    ours_rate, base_rate = runs["ours_10N"]["crops_per_s"], runs["monai"]["crops_per_s"]
+    speed, mem = throughput(runs, args.trials), memory(runs, args)
     ours_study_s = costs["shard_read_decode_s"] + costs["crop_s"]
     base_study_s = costs["nifti_load_pair_s"] + costs["nifti_rest_transforms_s"]
-    rss_n, rss_10n = runs["ours_N"]["rss_peak_mb"], runs["ours_10N"]["rss_peak_mb"]
     return {
         "studies": len(shards), "roi": list(args.roi), "crops_per_study": args.crops_per_study,
-        "batch_size": args.batch_size, "passes": args.passes, "cpus": 2,
-        "ours_crops_per_s": ours_rate, "monai_crops_per_s": base_rate,
-        "speedup": round(ours_rate / base_rate, 2) if base_rate else None,
-        "rss_peak_mb_N": rss_n, "rss_peak_mb_10N": rss_10n, "rss_ratio": round(rss_10n / rss_n, 3),
-        "pss_peak_mb_N": runs["ours_N"]["pss_peak_mb"], "pss_peak_mb_10N": runs["ours_10N"]["pss_peak_mb"],
-        "object_store_peak_mib_N": runs["ours_N"]["object_store_peak_mib"],
-        "object_store_peak_mib_10N": runs["ours_10N"]["object_store_peak_mib"],
+        "batch_size": args.batch_size, "passes": args.passes, "trials": args.trials, "cpus": 2, **speed, **mem,
         "ideal_crops_per_s": {"ours": round(2 * args.crops_per_study / ours_study_s, 2),
                               "monai": round(2 * args.crops_per_study / base_study_s, 2)},
         "per_study_s": costs, "runs": runs,
-        "goals": {"speedup_ge_5x": bool(base_rate and ours_rate / base_rate >= 5),
-                  "rss_flat_within_15pct": abs(rss_10n / rss_n - 1) <= 0.15},
+        "goals": {"speedup_ge_5x": speed["speedup"] >= 5, "rss_flat_within_15pct": abs(mem["rss_ratio"] - 1) <= 0.15},
     }
 
 
@@ -334,8 +431,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--studies", type=int, default=4)
     parser.add_argument("--roi", type=int, nargs=3, default=[96, 96, 96])
     parser.add_argument("--crops-per-study", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=2, help="crops per batch (ours); baseline: //crops")
-    parser.add_argument("--passes", type=int, default=10, help="the long runs list the cohort this many times")
+    parser.add_argument("--batch-size", type=int, default=2, help="crops per batch (baseline: batch // crops studies)")
+    parser.add_argument("--passes", type=int, default=20, help="the throughput runs list the cohort this many times")
+    parser.add_argument("--trials", type=int, default=2, help="alternating baseline / ours throughput runs")
+    parser.add_argument("--no-variants", dest="variants", action="store_false", help="skip the diagnostic runs")
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--out", default="bench_out/loader")
     return parser.parse_args(argv)
@@ -344,12 +443,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = "1"
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     out = Path(args.out).resolve()
     started = time.perf_counter()
     shards, pairs = build_cohort(out, args.studies, args.seed)
     costs = breakdown(shards, pairs, args)
-    runs = {"monai": monai(pairs, args, args.passes), "ours_N": ours(shards, args, 1),
-            "ours_10N": ours(shards, args, args.passes)}
+    runs = run_all(shards, pairs, args)
     result = {**summarise(args, shards, runs, costs), "wall_s": round(time.perf_counter() - started, 1)}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from swinssl.config import ConfigError, PretrainConfig, flatten, from_dict, load_config, save_config
+from swinssl.config import ConfigError, FinetuneConfig, PretrainConfig, flatten, from_dict, load_config, save_config
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-SCHEMAS = {"pretrain": PretrainConfig}
+SCHEMAS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
 
 
 def _schema(path: Path):

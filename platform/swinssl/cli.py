@@ -4,6 +4,7 @@
     swinssl prepare  --input cohort.csv|DIR --out OUT [--workers K] [--ct-window LO,HI] [--pet-window LO,HI]
     swinssl export   OUT --study ID --to DIR
     swinssl pretrain experiments/pretrain.yaml [key=value ...]
+    swinssl finetune experiments/finetune.yaml [key=value ...]   (encoder=PATH|RUN_ID|'' for scratch)
 
 Exit codes: 0 success; 2 usage or config error; 3 `prepare` finished but at least one study failed (see the
 manifest); 4 training failed after its retries.
@@ -71,6 +72,44 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from .config import ConfigError, FinetuneConfig, load_config
+    from .data.studies import DataError
+    from .train.finetune import finetune
+
+    cfg = load_config(args.config, args.overrides, FinetuneConfig)
+    try:
+        result = finetune(cfg)
+    except (ConfigError, DataError):
+        raise
+    except Exception as exc:
+        print(f"swinssl finetune: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 4
+    print(dice_table({"init": result.metrics}))
+    print(f"metrics: {result.output_dir / 'metrics.json'}")
+    if result.run_id:
+        print(f"MLflow run {result.run_id}: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
+    return 0
+
+
+def dice_table(runs: dict[str, dict]) -> str:
+    """Markdown table: one column per run (mean +- std over folds), one row per class, then the mean."""
+    from petct.labels import CLASSES
+
+    def cell(entry) -> str:
+        if not entry or entry.get("mean") is None:
+            return "n/a"
+        return f"{entry['mean']:.3f} +- {entry['std'] or 0:.3f}"
+
+    names = list(runs)
+    lines = ["| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for c in range(1, len(CLASSES)):
+        lines.append(f"| {CLASSES[c]} | " + " | ".join(cell(runs[n]["summary"]["per_class"].get(str(c)))
+                                                     for n in names) + " |")
+    lines.append("| **mean** | " + " | ".join(cell(runs[n]["summary"]["dice_mean"]) for n in names) + " |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swinssl", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -108,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("config", help="experiment YAML, e.g. experiments/pretrain.yaml")
     pre.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.steps=10")
     pre.set_defaults(run=_pretrain)
+
+    fine = verbs.add_parser("finetune", help="cross-validated segmentation fine-tuning (scratch or pretrained)")
+    fine.add_argument("config", help="experiment YAML, e.g. experiments/finetune.yaml")
+    fine.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. encoder=runs/pt/encoder.pt")
+    fine.set_defaults(run=_finetune)
     return parser
 
 

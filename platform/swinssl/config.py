@@ -145,6 +145,77 @@ class PretrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+@dataclass
+class FinetuneDataConfig:
+    """Labelled studies for fine-tuning and how training crops are cut from them."""
+
+    root: str = ""
+    """Output folder of `swinssl prepare`; the `labeled` cohort is used."""
+    roi: list[int] = field(default_factory=lambda: [96, 96, 96])
+    crops_per_study: int = 4
+    batch_size: int = 2
+    shuffle_buffer: int = 8
+    class_balanced: bool = True
+    """Centre crops on a uniformly chosen class present in the study, so small organs and lesions are seen."""
+    read_cpus: float = 1.0
+    min_crops_per_epoch: int = 256
+
+
+@dataclass
+class SegModelConfig:
+    """MONAI SwinUNETR(in_channels=2, out_channels=12)."""
+
+    feature_size: int = 48
+    in_channels: int = 2
+    out_channels: int = 12
+    drop_path_rate: float = 0.0
+    use_checkpoint: bool = False
+
+
+@dataclass
+class CVConfig:
+    """K-fold cross-validation over the labelled studies (stratified by lesion presence, see eval/folds.py)."""
+
+    folds: int = 5
+    fold: int = -1
+    """One fold index (0..folds-1) or -1 for all folds."""
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Sliding-window inference over each validation study."""
+
+    sw_batch_size: int = 4
+    overlap: float = 0.25
+    mode: str = "gaussian"
+    crop_to_body: bool = True
+    """Infer only inside the body's bounding box (the rest of a whole-body FOV is air): same Dice, less time."""
+    overlays: int = 3
+    """Studies per fold that get a PNG overlay."""
+    cpus: float = 1.0
+    """CPUs of the Ray task that evaluates one fold (it also takes one GPU when trainer.use_gpu)."""
+
+
+@dataclass
+class FinetuneConfig:
+    """`swinssl finetune`: segmentation fine-tuning with cross-validation, from scratch or a pretrained encoder."""
+
+    name: str = "finetune"
+    output_dir: str = ""
+    encoder: str = ""
+    """Path to an `encoder.pt`, an MLflow run id holding one, or '' for training from scratch."""
+    freeze_encoder_steps: int = 0
+    """Keep the pretrained encoder fixed (lr 0) for this many steps while the decoder adapts."""
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=1e-5, warmup_steps=100))
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="swinssl-finetune"))
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 

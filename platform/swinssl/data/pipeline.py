@@ -4,6 +4,9 @@ Design (REFERENCE.md §5): the dataset's rows are shard paths; a task reads one 
 `crops_per_study` crops right away, so rows that leave the read tasks are crops (a few MB), never volumes. Shuffle
 is at the file level every epoch (block order) plus a local shuffle buffer on the consumer; no `random_shuffle()`
 (an all-to-all of volumes through the object store). Memory is bounded by the in-flight tasks, not the cohort.
+
+Two streams share that design: `crop_dataset` (image crops for pretraining) and `seg_crop_dataset` (paired
+image/label crops, class-balanced, for segmentation fine-tuning on labelled studies).
 """
 
 from __future__ import annotations
@@ -12,12 +15,46 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from .crops import sample_crops
+from .seg_crops import sample_seg_crops
 
 CROP_COLUMNS = ("study_id", "shape", "image")
+SEG_COLUMNS = ("study_id", "shape", "image", "label")
+
+
+def read_shard_row(path: str, columns: tuple[str, ...]) -> dict:
+    """The one row of a one-study shard, only `columns` (pyarrow reads nothing else)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(str(path), columns=list(columns)).to_pylist()[0]
+
+
+def decode_image(row: dict) -> np.ndarray:
+    """A shard row's `image` bytes -> read-only float16 view (2, Z, Y, X), no copy."""
+    return np.frombuffer(row["image"], np.float16).reshape((2, *(int(v) for v in row["shape"])))
+
+
+def decode_label(row: dict, path: str) -> np.ndarray:
+    """A shard row's `label` bytes -> read-only uint8 view (Z, Y, X); ValueError naming the shard when null."""
+    if row["label"] is None:
+        raise ValueError(f"shard {path} (study {row['study_id']!r}) has no label: segmentation crops need labelled "
+                         f"studies (cohort 'labeled'), not unlabelled ones")
+    return np.frombuffer(row["label"], np.uint8).reshape(tuple(int(v) for v in row["shape"]))
+
+
+def study_rng(seed: int, study_id: str) -> np.random.Generator:
+    """A fresh generator per read: seed, study, process and clock (new crops every epoch, never reproducible)."""
+    digest = int.from_bytes(hashlib.blake2b(study_id.encode(), digest_size=8).digest(), "little")
+    return np.random.default_rng([seed, digest, os.getpid(), time.monotonic_ns()])
+
+
+def epoch_repeats(num_shards: int, crops_per_study: int, min_crops_per_epoch: int) -> int:
+    """How many times a pass lists every shard so that it yields >= min_crops_per_epoch crops (at least once)."""
+    return max(1, math.ceil(min_crops_per_epoch / max(num_shards * crops_per_study, 1)))
 
 
 class CropSampler:
@@ -32,19 +69,42 @@ class CropSampler:
         self.roi, self.k, self.seed, self.min_foreground = tuple(roi), crops_per_study, seed, min_foreground
 
     def _rng(self, study_id: str) -> np.random.Generator:
-        digest = int.from_bytes(hashlib.blake2b(study_id.encode(), digest_size=8).digest(), "little")
-        return np.random.default_rng([self.seed, digest, os.getpid(), time.monotonic_ns()])
+        return study_rng(self.seed, study_id)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """batch["path"]: shard files; each is read (two columns only), decoded once and cut k times."""
-        import pyarrow.parquet as pq
-
+        """batch["path"]: shard files; each is read (needed columns only), decoded once and cut k times."""
         crops = []
         for path in batch["path"]:
-            row = pq.read_table(str(path), columns=list(CROP_COLUMNS)).to_pylist()[0]
-            volume = np.frombuffer(row["image"], np.float16).reshape((2, *(int(v) for v in row["shape"])))
-            crops.append(sample_crops(volume, self.roi, self.k, self._rng(row["study_id"]), self.min_foreground))
+            row = read_shard_row(path, CROP_COLUMNS)
+            crops.append(sample_crops(decode_image(row), self.roi, self.k, self._rng(row["study_id"]),
+                                      self.min_foreground))
         return {"image": np.concatenate(crops)}
+
+
+class SegCropSampler:
+    """Ray Data UDF: a batch of labelled shard rows -> `k` paired crops per row.
+
+    Output columns: `image` float16 (k, C, *roi), `label` uint8 (k, 1, *roi), the same windows. Positions are drawn
+    fresh on every read (class-balanced by default, see `sample_seg_crops`); same reproducibility as CropSampler.
+    """
+
+    def __init__(self, roi: tuple[int, int, int], crops_per_study: int, seed: int, class_balanced: bool = True,
+                 background_prob: float = 0.1):
+        self.roi, self.k, self.seed = tuple(roi), crops_per_study, seed
+        self.class_balanced, self.background_prob = class_balanced, background_prob
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """batch["path"]: shard files; each is read once, its image and label decoded once and cut k times."""
+        images, labels = [], []
+        for path in batch["path"]:
+            row = read_shard_row(path, SEG_COLUMNS)
+            label = decode_label(row, str(path))
+            image, label = sample_seg_crops(decode_image(row), label, self.roi, self.k,
+                                            study_rng(self.seed, row["study_id"]), self.class_balanced,
+                                            background_prob=self.background_prob)
+            images.append(image)
+            labels.append(label)
+        return {"image": np.concatenate(images), "label": np.concatenate(labels)}
 
 
 def crop_dataset(shards: list[str], roi: tuple[int, int, int], crops_per_study: int, seed: int = 0,
@@ -54,19 +114,38 @@ def crop_dataset(shards: list[str], roi: tuple[int, int, int], crops_per_study: 
     The dataset is a list of shard paths (one block each, block order randomised every epoch); a read task opens
     one shard, so a pass can list a small cohort several times (`min_crops_per_epoch`) without re-planning.
     """
+    sampler = CropSampler(roi, crops_per_study, seed, min_foreground)
+    return _crop_stream(shards, crops_per_study, min_crops_per_epoch, sampler, read_cpus)
+
+
+def seg_crop_dataset(shards: list[str], roi: tuple[int, int, int], crops_per_study: int, seed: int = 0,
+                     class_balanced: bool = True, read_cpus: float = 1.0, min_crops_per_epoch: int = 0,
+                     background_prob: float = 0.1):
+    """A Ray Dataset of segmentation crops: `image` float16 (C, *roi) and `label` uint8 (1, *roi), same windows.
+
+    Same design as `crop_dataset` (shard paths as rows, block order randomised every epoch, one read + decode per
+    shard, fresh crops each read); a pass yields len(shards) * crops_per_study * epoch_repeats(...) rows. Every
+    shard must carry a label: an unlabelled one fails the pass with a ValueError naming the shard and study (raised
+    in the read task; the consumer sees Ray's RayTaskError(UserCodeException) carrying that message).
+    """
+    sampler = SegCropSampler(roi, crops_per_study, seed, class_balanced, background_prob)
+    return _crop_stream(shards, crops_per_study, min_crops_per_epoch, sampler, read_cpus)
+
+
+def _crop_stream(shards: list[str], crops_per_study: int, min_crops_per_epoch: int,
+                 sampler: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], read_cpus: float):
+    """Shard paths (each listed epoch_repeats times, one block each, random block order) -> map_batches(sampler)."""
     import ray.data
 
-    repeats = max(1, math.ceil(min_crops_per_epoch / max(len(shards) * crops_per_study, 1)))
+    repeats = epoch_repeats(len(shards), crops_per_study, min_crops_per_epoch)
     files = [{"path": str(path)} for path in list(shards) * repeats]
     dataset = ray.data.from_items(files, override_num_blocks=len(files)).randomize_block_order()
-    return dataset.map_batches(
-        _stateless(roi, crops_per_study, seed, min_foreground), batch_size=1, batch_format="numpy",
-        num_cpus=read_cpus, zero_copy_batch=True)
+    return dataset.map_batches(_as_task(sampler), batch_size=1, batch_format="numpy", num_cpus=read_cpus,
+                               zero_copy_batch=True)
 
 
-def _stateless(roi, k, seed, min_foreground):
+def _as_task(sampler: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]):
     """A plain function (tasks, not actors: no idle actor pool) holding a per-process sampler."""
-    sampler = CropSampler(roi, k, seed, min_foreground)
 
     def crop(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return sampler(batch)

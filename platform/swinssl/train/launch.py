@@ -57,7 +57,7 @@ def _validate(cfg: PretrainConfig) -> tuple[PretrainTask, list, Path]:
     return task, studies, Path(cfg.output_dir).resolve()
 
 
-def _scaling(cfg: PretrainConfig):
+def scaling_config(cfg):
     from ray.train import ScalingConfig
 
     return ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
@@ -70,16 +70,16 @@ def build_trainer(cfg: PretrainConfig, studies: list, output_dir: Path, tracking
     from ray.train.torch import TorchTrainer
 
     from ..data.pipeline import crop_dataset
-    from .worker import pretrain_worker
+    from .worker import train_worker
 
     dataset = crop_dataset([s.shard for s in studies], tuple(cfg.data.roi), cfg.data.crops_per_study,
                            cfg.trainer.seed, cfg.data.min_foreground, cfg.data.read_cpus,
                            cfg.data.min_crops_per_epoch)
     return TorchTrainer(
-        pretrain_worker,
-        train_loop_config={"cfg": asdict(cfg), "tracking": tracking, "meta": model_signature(cfg),
-                           "chaos": _chaos(cfg, output_dir)},
-        scaling_config=_scaling(cfg),
+        train_worker,
+        train_loop_config={"kind": "pretrain", "cfg": asdict(cfg), "tracking": tracking, "meta": model_signature(cfg),
+                           "chaos": chaos_config(cfg, output_dir)},
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(name=cfg.name, storage_path=str(output_dir / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints)),
@@ -87,7 +87,8 @@ def build_trainer(cfg: PretrainConfig, studies: list, output_dir: Path, tracking
     )
 
 
-def _chaos(cfg: PretrainConfig, output_dir: Path) -> dict | None:
+def chaos_config(cfg, output_dir: Path) -> dict | None:
+    """Fault injection from SWINSSL_CHAOS_KILL_STEP (see worker.CHAOS_ENV); fires once per output_dir."""
     from .worker import CHAOS_ENV
 
     step = int(os.environ.get(CHAOS_ENV, "0") or 0)

@@ -77,13 +77,25 @@ def _batches(next_epoch: Callable[[int], Iterator[dict]], state: LoopState, mete
         state.epoch += 1
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, steps: int):
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=optim.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, steps, optim.warmup_steps, optim.min_lr_ratio))
+def build_optimizer(model: nn.Module, optim: OptimConfig, steps: int, task: Task | None = None):
+    """AdamW (no weight decay on norms and biases) + warm-up/cosine. A task may name parameter groups
+    (`param_groups(model) -> {name: params}`) and scale their lr per step (`lr_scale(name, step)`), e.g. to keep a
+    pretrained encoder fixed for the first steps."""
+    named = task.param_groups(model) if hasattr(task, "param_groups") else {"all": list(model.parameters())}
+    groups = []
+    for name, params in named.items():
+        params = [p for p in params if p.requires_grad]
+        groups += [{"params": [p for p in params if p.ndim > 1], "weight_decay": optim.weight_decay, "name": name},
+                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "name": name}]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr)
+
+    def factor(name: str):
+        scale = getattr(task, "lr_scale", None)
+        return lambda s: warmup_cosine(s, steps, optim.warmup_steps, optim.min_lr_ratio) * (scale(name, s) if scale
+                                                                                              else 1.0)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(g["name"]) for g in groups])
     return optimizer, scheduler
 
 
@@ -126,7 +138,7 @@ def run(task: Task, model: nn.Module, raw_model: nn.Module, next_epoch: Callable
         trainer: TrainerConfig, optim: OptimConfig, device: torch.device, rank: int, world: int, hooks: Hooks,
         resume_dir: str | None = None, meta: dict | None = None) -> LoopState:
     """Train `model` (DDP-wrapped or not; `raw_model` is the unwrapped module) until `trainer.steps`."""
-    optimizer, scheduler = build_optimizer(raw_model, optim, trainer.steps)
+    optimizer, scheduler = build_optimizer(raw_model, optim, trainer.steps, task)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and trainer.amp == "fp16")
     state = _restore(resume_dir, device, raw_model, optimizer, scheduler, scaler) if resume_dir else LoopState()
     meter = Meter()
@@ -161,7 +173,7 @@ def _after_step(state, meter, trainer, world, scheduler, hooks, raw_model, optim
     checkpoint_now = final or state.step % trainer.checkpoint_every == 0
     if not (checkpoint_now or state.step % trainer.log_every == 0):
         return
-    metrics = {**meter.summary(world), "lr": scheduler.get_last_lr()[0], "epoch": state.epoch,
+    metrics = {**meter.summary(world), "lr": max(scheduler.get_last_lr()), "epoch": state.epoch,
                "samples_seen": state.samples, "step": state.step}
     meter.reset()
     if rank == 0:

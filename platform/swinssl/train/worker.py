@@ -54,12 +54,23 @@ class RayHooks(loop.Hooks):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def pretrain_worker(config: dict[str, Any]) -> None:
-    """`train_loop_per_worker` of the pretraining TorchTrainer."""
+def _build(config: dict[str, Any]):
+    """(config, task) of the run kind named in the loop config."""
+    if config["kind"] == "finetune":
+        from ..config import FinetuneConfig
+        from ..tasks.segment import SegmentationTask
+
+        cfg = from_dict(config["cfg"], FinetuneConfig)
+        return cfg, SegmentationTask(cfg, config.get("encoder_path"))
+    cfg = from_dict(config["cfg"], PretrainConfig)
+    return cfg, PretrainTask(cfg)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker` of every swinssl TorchTrainer (pretraining and fine-tuning)."""
     import torch
 
-    cfg: PretrainConfig = from_dict(config["cfg"])
-    task = PretrainTask(cfg)
+    cfg, task = _build(config)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.trainer.seed)  # identical init everywhere (DDP also broadcasts rank 0's weights)

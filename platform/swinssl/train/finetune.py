@@ -1,0 +1,228 @@
+"""Driver of `swinssl finetune`: K-fold cross-validation of SwinUNETR on the labelled studies, each fold trained
+on Ray Train (same worker and loop as pretraining) and evaluated by a Ray task; results in metrics.json + MLflow.
+
+Outputs under `output_dir`: `config.yaml`, `folds.json` (the split), `fold_<k>/metrics.json` (one fold: resume
+marker), `ray/fold_<k>/checkpoint_*`, `predictions/<study>.nii.gz` (PET grid, as `swinssl export`), `overlays/`,
+`dice_per_class.png`, `metrics.json` (per fold, per study, per class, mean and std across folds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ConfigError, FinetuneConfig, flatten, save_config
+from ..data.studies import DataError, StudyRef, check_roi_fits, select_studies
+from ..eval.folds import fold_train_val, kfold_split
+from ..eval.summary import cv_summary, flat_metrics, fold_metrics, jsonable
+from ..tasks.segment import SegmentationTask
+from .checkpoint import latest_checkpoint_dir, load_meta
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class FinetuneResult:
+    output_dir: Path
+    metrics: dict
+    run_id: str | None
+    tracking_uri: str | None
+
+
+def _has_lesion(ref: StudyRef) -> bool:
+    import pyarrow.parquet as pq
+
+    row = pq.read_table(ref.shard, columns=["label"]).to_pylist()[0]
+    return row["label"] is not None and bool((np.frombuffer(row["label"], np.uint8) == 11).any())
+
+
+def make_folds(cfg: FinetuneConfig, studies: list[StudyRef]) -> list[list[str]]:
+    if len(studies) < cfg.cv.folds:
+        raise DataError(f"the labelled cohort has {len(studies)} studies, fewer than cv.folds={cfg.cv.folds}")
+    if not -1 <= cfg.cv.fold < cfg.cv.folds:
+        raise ConfigError(f"cv.fold={cfg.cv.fold}: use -1 (all) or 0..{cfg.cv.folds - 1}")
+    return kfold_split([s.study_id for s in studies], [_has_lesion(s) for s in studies], cfg.cv.folds, cfg.cv.seed)
+
+
+def resolve_encoder(spec: str, uri: str | None, output_dir: Path) -> tuple[str | None, str]:
+    """(absolute path or None, MLflow run id it came from or ''). An MLflow run id downloads its encoder.pt."""
+    if not spec:
+        return None, ""
+    if Path(spec).exists():
+        meta_run = Path(spec).resolve().parent / "mlflow_run.json"
+        source = json.loads(meta_run.read_text())["run_id"] if meta_run.exists() else ""
+        return str(Path(spec).resolve()), source
+    if RUN_ID.match(spec) and uri:
+        from mlflow.artifacts import download_artifacts
+
+        target = output_dir / "encoder_source"
+        target.mkdir(parents=True, exist_ok=True)
+        path = download_artifacts(run_id=spec, artifact_path="encoder.pt", dst_path=str(target), tracking_uri=uri)
+        return str(Path(path).resolve()), spec
+    raise ConfigError(f"encoder={spec!r} is neither an existing file nor an MLflow run id")
+
+
+def _validate(cfg: FinetuneConfig) -> tuple[list[StudyRef], Path]:
+    if not cfg.output_dir or not cfg.data.root:
+        raise ConfigError("output_dir and data.root are required")
+    studies = select_studies(cfg.data.root, "labeled", "all")
+    check_roi_fits(studies, cfg.data.roi)
+    return studies, Path(cfg.output_dir).resolve()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(jsonable(data), indent=1))
+    os.replace(tmp, path)
+
+
+def _train_fold(cfg, k, train_refs, output_dir, encoder_path, tracking) -> Path:
+    """Fit fold k (resuming its own checkpoints) and return its final checkpoint folder."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from ..data.pipeline import seg_crop_dataset
+    from .launch import chaos_config, scaling_config
+    from .worker import train_worker
+
+    run_dir = output_dir / "ray" / f"fold_{k}"
+    latest = latest_checkpoint_dir(run_dir)
+    if latest is not None and load_meta(latest).get("step", 0) >= cfg.trainer.steps:
+        return latest
+    dataset = seg_crop_dataset([s.shard for s in train_refs], tuple(cfg.data.roi), cfg.data.crops_per_study,
+                               cfg.trainer.seed + k, cfg.data.class_balanced, cfg.data.read_cpus,
+                               cfg.data.min_crops_per_epoch)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"kind": "finetune", "cfg": asdict(cfg), "encoder_path": encoder_path,
+                           "tracking": tracking, "meta": {"fold": k, "feature_size": cfg.model.feature_size},
+                           "chaos": chaos_config(cfg, output_dir)},
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(name=f"fold_{k}", storage_path=str(output_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints)),
+        datasets={"train": dataset},
+    )
+    return Path(trainer.fit().checkpoint.path)
+
+
+def _evaluate(cfg, checkpoint: Path, val_refs, output_dir) -> list[dict]:
+    import ray
+
+    from ..eval.evaluate import evaluate_fold
+
+    task = ray.remote(evaluate_fold).options(num_cpus=cfg.eval.cpus, num_gpus=1 if cfg.trainer.use_gpu else 0)
+    return ray.get(task.remote(str(checkpoint), [s.shard for s in val_refs], asdict(cfg), str(output_dir),
+                               cfg.eval.overlays))
+
+
+def _run_fold(cfg, k, folds, by_id, output_dir, encoder_path, parent) -> dict:
+    done = output_dir / f"fold_{k}" / "metrics.json"
+    if done.exists():  # a finished fold is never redone
+        return json.loads(done.read_text())
+    train_ids, val_ids = fold_train_val(folds, k)
+    child = None
+    if parent:
+        from ..tracking.mlflow_run import open_run
+
+        child = {"uri": parent["uri"], "run_id": open_run(
+            parent["uri"], cfg.tracking.experiment, f"{parent['name']} fold {k}", output_dir / f"fold_{k}",
+            {"fold": k, "n_train": len(train_ids), "n_val": len(val_ids)}, {"swinssl.kind": "finetune-fold"},
+            parent_run_id=parent["run_id"])}
+    checkpoint = _train_fold(cfg, k, [by_id[i] for i in train_ids], output_dir, encoder_path, child)
+    rows = _evaluate(cfg, checkpoint, [by_id[i] for i in val_ids], output_dir)
+    result = {"fold": k, "metrics": fold_metrics(rows), "rows": rows}
+    if child:
+        _log_fold(child, result["metrics"])
+    _write_json(done, result)
+    return json.loads(done.read_text())
+
+
+def _log_fold(child: dict, metrics: dict) -> None:
+    from ..tracking.mlflow_run import MetricBuffer, finish_run
+
+    summary = cv_summary({"0": metrics})
+    buffer = MetricBuffer(child["uri"], child["run_id"])
+    buffer.log(flat_metrics(summary), step=0)
+    buffer.flush()
+    finish_run(child["uri"], child["run_id"])
+
+
+def _open_parent(cfg: FinetuneConfig, output_dir: Path, encoder_source: str, n_studies: int) -> dict | None:
+    if not cfg.tracking.enabled:
+        return None
+    from ..tracking.mlflow_run import log_artifact, open_run, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking, output_dir)
+    name = cfg.tracking.run_name or cfg.name
+    params = {**flatten(cfg), "encoder_source_run": encoder_source, "init": "pretrained" if cfg.encoder else
+              "scratch", "data.num_labeled": n_studies}
+    run_id = open_run(uri, cfg.tracking.experiment, name, output_dir, params,
+                      tags={"swinssl.kind": "finetune", "swinssl.init": params["init"]},
+                      parent_run_id=os.environ.get("SWINSSL_PARENT_RUN_ID"))
+    log_artifact(uri, run_id, output_dir / "config.yaml")
+    return {"uri": uri, "run_id": run_id, "name": name}
+
+
+def _report(cfg, output_dir: Path, folds_done: dict, encoder_path, encoder_source, parent) -> dict:
+    from ..eval.infer import dice_bar_chart
+
+    studies = {r["study_id"]: {"fold": int(k), **{x: r[x] for x in ("dice", "dice_mean", "lesion")}}
+               for k, f in folds_done.items() for r in f["rows"]}
+    fold_level = {k: f["metrics"] for k, f in folds_done.items()}
+    summary = cv_summary(fold_level)
+    metrics = {"encoder": encoder_path or "", "encoder_source_run": encoder_source, "folds": fold_level,
+               "studies": studies, "summary": summary}
+    _write_json(output_dir / "metrics.json", metrics)
+    label = "pretrained" if encoder_path else "scratch"
+    chart = dice_bar_chart({label: {int(c): v["mean"] for c, v in summary["per_class"].items()}},
+                           output_dir / "dice_per_class.png", title=f"{cfg.name}: Dice per class (mean over folds)")
+    if parent:
+        from ..tracking.mlflow_run import MetricBuffer, finish_run, log_artifact
+
+        buffer = MetricBuffer(parent["uri"], parent["run_id"])
+        buffer.log(flat_metrics(summary), step=0)
+        buffer.flush()
+        for path in (output_dir / "metrics.json", chart):
+            log_artifact(parent["uri"], parent["run_id"], path)
+        if (output_dir / "overlays").exists():
+            log_artifact(parent["uri"], parent["run_id"], output_dir / "overlays", "overlays")
+        finish_run(parent["uri"], parent["run_id"])
+    return json.loads((output_dir / "metrics.json").read_text())
+
+
+def finetune(cfg: FinetuneConfig) -> FinetuneResult:
+    """Cross-validated fine-tuning end to end (resumable fold by fold); see the module docstring for outputs."""
+    from petct.raylocal import ensure_ray
+
+    studies, output_dir = _validate(cfg)
+    folds = make_folds(cfg, studies)
+    save_config(cfg, output_dir / "config.yaml")
+    _write_json(output_dir / "folds.json", {"seed": cfg.cv.seed, "folds": folds})
+    uri_hint = None
+    if cfg.tracking.enabled:
+        from ..tracking.mlflow_run import resolve_tracking_uri
+
+        uri_hint = resolve_tracking_uri(cfg.tracking, output_dir)
+    encoder_path, encoder_source = resolve_encoder(cfg.encoder, uri_hint, output_dir)
+    SegmentationTask(cfg, encoder_path).build_model()  # a mismatched encoder fails here, before any worker
+    parent = _open_parent(cfg, output_dir, encoder_source, len(studies))
+    ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2 * cfg.data.read_cpus)
+    by_id = {s.study_id: s for s in studies}
+    indices = range(cfg.cv.folds) if cfg.cv.fold == -1 else [cfg.cv.fold]
+    try:
+        done = {str(k): _run_fold(cfg, k, folds, by_id, output_dir, encoder_path, parent) for k in indices}
+    except Exception:
+        if parent:
+            from ..tracking.mlflow_run import finish_run
+
+            finish_run(parent["uri"], parent["run_id"], "FAILED")
+        raise
+    metrics = _report(cfg, output_dir, done, encoder_path, encoder_source, parent)
+    return FinetuneResult(output_dir, metrics, parent and parent["run_id"], parent and parent["uri"])
