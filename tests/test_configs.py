@@ -35,6 +35,7 @@ def test_overrides_and_errors():
     cfg = load_config(EXPERIMENTS / "pretrain.yaml", ["loss.w_rotation=0", "data.subset=450", "data.roi=[64,64,64]"])
     assert cfg.loss.w_rotation == 0.0 and cfg.data.subset == "450" and cfg.data.roi == [64, 64, 64]
     assert from_dict(asdict(cfg)) == cfg
+    assert load_config(EXPERIMENTS / "finetune.yaml", ["encoder="], FinetuneConfig).encoder == ""
     with pytest.raises(ConfigError, match="(?s)w_rot.*valid keys: .*loss.w_rotation"):
         load_config(EXPERIMENTS / "pretrain.yaml", ["loss.w_rot=0"])
     with pytest.raises(ConfigError, match="trainer.steps"):

@@ -5,6 +5,7 @@
     swinssl export   OUT --study ID --to DIR
     swinssl pretrain experiments/pretrain.yaml [key=value ...]
     swinssl finetune experiments/finetune.yaml [key=value ...]   (encoder=PATH|RUN_ID|'' for scratch)
+    swinssl report   --runs NAME=FINETUNE_DIR [NAME=FINETUNE_DIR ...]
 
 Exit codes: 0 success; 2 usage or config error; 3 `prepare` finished but at least one study failed (see the
 manifest); 4 training failed after its retries.
@@ -85,7 +86,7 @@ def _finetune(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"swinssl finetune: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 4
-    print(dice_table({"init": result.metrics}))
+    print(dice_table({cfg.name: result.metrics}))
     print(f"metrics: {result.output_dir / 'metrics.json'}")
     if result.run_id:
         print(f"MLflow run {result.run_id}: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
@@ -108,6 +109,20 @@ def dice_table(runs: dict[str, dict]) -> str:
                                                      for n in names) + " |")
     lines.append("| **mean** | " + " | ".join(cell(runs[n]["summary"]["dice_mean"]) for n in names) + " |")
     return "\n".join(lines)
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    runs = {}
+    for item in args.runs:
+        name, _, folder = item.partition("=")
+        path = Path(folder or name) / "metrics.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: give NAME=DIR where DIR is a `swinssl finetune` output_dir")
+        runs[name if folder else Path(name).name] = json.loads(path.read_text())
+    print(dice_table(runs))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("config", help="experiment YAML, e.g. experiments/finetune.yaml")
     fine.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. encoder=runs/pt/encoder.pt")
     fine.set_defaults(run=_finetune)
+
+    report = verbs.add_parser("report", help="compare fine-tune runs: Dice per class, mean +- std over folds")
+    report.add_argument("--runs", nargs="+", required=True, help="NAME=DIR pairs of `swinssl finetune` outputs")
+    report.set_defaults(run=_report)
     return parser
 
 

@@ -254,7 +254,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must be key=value, got {bad}")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        # `key=` means the empty string (e.g. encoder= for scratch), not YAML's null
+        dotlist = [f"{o}''" if o.endswith("=") else o for o in overrides]
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or ""
