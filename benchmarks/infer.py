@@ -56,10 +56,11 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     model.load_state_dict(state)
 
 
-def _crop_starts(label: np.ndarray, roi: tuple[int, ...], rng: np.random.Generator) -> tuple[int, ...]:
-    """Corner of a random roi crop: centred on a labelled voxel half the time, uniform otherwise."""
+def _crop_starts(label: np.ndarray, roi: tuple[int, ...], rng: np.random.Generator,
+                 fg_fraction: float) -> tuple[int, ...]:
+    """Corner of a random roi crop: centred on a labelled voxel with probability `fg_fraction`, else uniform."""
     shape = label.shape
-    if rng.random() < 0.5:
+    if rng.random() < fg_fraction:
         fg = np.argwhere(label > 0)
         centre = fg[rng.integers(len(fg))]
     else:
@@ -68,17 +69,17 @@ def _crop_starts(label: np.ndarray, roi: tuple[int, ...], rng: np.random.Generat
 
 
 def quick_train(model: torch.nn.Module, image: np.ndarray, label: np.ndarray, roi: tuple[int, ...], steps: int,
-                seed: int) -> list[float]:
+                seed: int, lr: float = 3e-3, fg_fraction: float = 1 / 3) -> list[float]:
     """`steps` AdamW steps of DiceCE on random roi crops (batch 1) of the study; returns the losses."""
     from monai.losses import DiceCELoss
 
     rng = np.random.default_rng(seed)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
     model.train()
     losses = []
     for _ in range(steps):
-        box = tuple(slice(s, s + r) for s, r in zip(_crop_starts(label, roi, rng), roi))
+        box = tuple(slice(s, s + r) for s, r in zip(_crop_starts(label, roi, rng, fg_fraction), roi))
         x = torch.from_numpy(np.ascontiguousarray(image[(slice(None), *box)]))[None]
         y = torch.from_numpy(label[box].astype(np.int64))[None, None]
         optimizer.zero_grad(set_to_none=True)
