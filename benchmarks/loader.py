@@ -18,8 +18,9 @@ What it measures, all in this one process so the ratios hold on a noisy machine,
    ours alternate `--trials` times and the rates are averaged, so a busy neighbour on the machine slows both alike;
    `crops_per_cpu_s` (crops per CPU second of the whole tree) does not depend on the neighbour at all.
 4. Memory of the whole process tree (this driver and every descendant: Ray's GCS, raylet, agents, workers, or the
-   DataLoader workers): peak of the summed RSS (and PSS, which counts shared object-store pages once), sampled
-   every 0.2 s; peak object-store usage (Ray's memory summary, every second); CPU seconds per process kind.
+   DataLoader workers): peak of the summed RSS sampled every 0.2 s; peak summed PSS (which counts shared
+   object-store pages once) and object-store usage (Ray's memory summary), every second; CPU seconds per process
+   kind (`cpu_use_of_2_cores`: their sum over 2 x the run's wall time).
 5. Where the time goes, per study in this process (one thread): read + decode one shard as the crop task does
    (and without the `to_pylist` copy), cut the crops (of which the whole-volume body mask), versus load one NIfTI
    pair and run the rest of the reference chain. `ideal_crops_per_s` = 2 CPUs / that per-study cost.
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     import psutil
 
 SAMPLE_PERIOD_S = 0.2
-STORE_EVERY = 5  # object-store samples every 5th tick (an RPC to the raylet, ~40 ms)
+SLOW_EVERY = 5  # PSS (parses smaps) and object store (an RPC to the raylet, ~40 ms): every 5th tick
 SHUFFLE_BUFFER = 8
 TASK_NAMES = ("ray::IDLE", "ray::MapBatches", "ray::ReadItems", "ray::FromItems", "ray::RandomizeBlockOrder")
 
@@ -106,7 +107,8 @@ def prepare(out: Path, studies: int, seed: int) -> None:
 def start_ray() -> None:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # address="local": always a fresh instance of our own, even when another `ray start` cluster runs here
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
 
 
 # ------------------------------------------------------------------------------------- process-tree monitor
@@ -184,22 +186,23 @@ class TreeMonitor:
     def _run(self) -> None:
         tick = 0
         while not self._stop.wait(SAMPLE_PERIOD_S):
-            self._sample()
-            if tick % STORE_EVERY == 0:
+            slow = tick % SLOW_EVERY == 0
+            self._sample(pss=slow)
+            if slow:
                 self.store_mib = max(self.store_mib, object_store_mib())
             tick += 1
 
-    def _sample(self) -> dict[int, tuple[str, float]]:
-        rss = pss = 0
+    def _sample(self, pss: bool = False) -> dict[int, tuple[str, float]]:
+        total_rss = total_pss = 0
         for proc in [self.root, *self.root.children(recursive=True)]:
             try:
                 with proc.oneshot():
-                    memory, cpu = proc.memory_full_info(), proc.cpu_times()
+                    memory, cpu = proc.memory_full_info() if pss else proc.memory_info(), proc.cpu_times()
                     self.cpu_last[proc.pid] = (process_kind(proc, self.root), cpu.user + cpu.system)
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
                 continue
-            rss, pss = rss + memory.rss, pss + getattr(memory, "pss", memory.rss)
-        self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
+            total_rss, total_pss = total_rss + memory.rss, total_pss + getattr(memory, "pss", 0)
+        self.rss, self.pss = max(self.rss, total_rss), max(self.pss, total_pss)
         return self.cpu_last
 
     def report(self) -> dict[str, Any]:
@@ -379,12 +382,12 @@ def breakdown(shards: list[str], pairs: list[dict[str, str]], args: argparse.Nam
 
 
 def run_all(shards: list[str], pairs: list[dict[str, str]], args: argparse.Namespace) -> dict[str, dict]:
-    """Throughput trials alternate baseline and ours (a busy neighbour then slows both alike), then memory runs."""
-    runs = {}
+    """Memory runs first (the driver's own heap has not yet seen a long stream), then throughput trials that
+    alternate baseline and ours (a busy neighbour then slows both alike), then the diagnostic variants."""
+    runs = {"ours_N": ours(shards, args, 1), "ours_10N": ours(shards, args, 10)}
     for trial in range(args.trials):
         runs[f"monai_{trial}"] = monai(pairs, args, args.passes)
         runs[f"ours_{trial}"] = ours(shards, args, args.passes)
-    runs["ours_N"], runs["ours_10N"] = ours(shards, args, 1), ours(shards, args, 10)
     if args.variants:
         runs["ours_no_op_reservation"] = ours(shards, args, args.passes,
                                               context={"op_resource_reservation_enabled": False})
