@@ -28,8 +28,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Speed/memory benchmarks (each runs its baseline in the same command); results in bench_out/*/result.json.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/prepare.py
+	$(BIN)/python benchmarks/prepare.py --studies 4
+	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/step.py --roi 64 --steps 8 --warmup 2
+	$(BIN)/python benchmarks/infer.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

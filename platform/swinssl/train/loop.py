@@ -38,18 +38,19 @@ class Meter:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor | float] = {}
         self.count, self.samples, self.wait_s, self.start = 0, 0, 0.0, time.perf_counter()
 
     def add(self, losses: dict[str, torch.Tensor], samples: int) -> None:
+        # keep device tensors: a float() here would synchronise the GPU every micro-step
         for key, value in losses.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
         self.count += 1
         self.samples += samples
 
     def summary(self, world: int) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        out = {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
         out["samples_per_s"] = self.samples * world / elapsed
         out["data_wait_fraction"] = min(self.wait_s / elapsed, 1.0)
         return out
