@@ -29,7 +29,7 @@ def _aspects(spacing: tuple[float, float, float]) -> list[float]:
     return [sy / sx, sz / sx, sz / sy]
 
 
-def _body_centre(ct: np.ndarray) -> tuple[int, int, int]:
+def body_centre(ct: np.ndarray) -> tuple[int, int, int]:
     body = np.argwhere(ct > 0.3)  # normalised CT above ~-400 HU with the default window
     return tuple(int(v) for v in (np.median(body, axis=0) if len(body) else np.array(ct.shape) // 2))
 
@@ -37,7 +37,7 @@ def _body_centre(ct: np.ndarray) -> tuple[int, int, int]:
 def study_png(path: Path, study: PreparedStudy, ct_before: np.ndarray, record: dict, tmp_dir: Path) -> None:
     """2 x 3 panel: rows = before / after registration, columns = axial / coronal / sagittal; PET over CT."""
     ct_after, pet = study.image[0], study.image[1]
-    centre = _body_centre(ct_after)
+    centre = body_centre(ct_after)
     fig, axes = plt.subplots(2, 3, figsize=(11, 7.5), facecolor="black")
     pet_max = max(float(np.percentile(pet, 99.9)), 1e-3)
     for row, (ct, name) in enumerate([(ct_before, "before (scanner frame)"), (ct_after, "after registration")]):

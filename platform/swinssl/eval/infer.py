@@ -47,6 +47,7 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from petct.labels import CLASSES, LESION
+from petct.qc import body_centre
 from petct.shards import PreparedStudy, atomic_write_bytes
 
 __all__ = ["body_box", "predict_volume", "save_prediction", "overlay_png", "dice_bar_chart"]
@@ -226,11 +227,6 @@ def _class_colours() -> np.ndarray:
     return rgba
 
 
-def _body_centre(ct: np.ndarray) -> tuple[int, int, int]:
-    body = np.argwhere(ct > BODY_THRESHOLD)
-    return tuple(int(v) for v in (np.median(body, axis=0) if len(body) else np.array(ct.shape) // 2))
-
-
 def _axial_index(truth: np.ndarray | None, prediction: np.ndarray, centre_z: int) -> tuple[int, str]:
     """Slice through the largest lesion (truth, else predicted), else the liver, else the body centre."""
     for cls, name in ((LESION, "largest lesion"), (LIVER, "liver")):
@@ -279,7 +275,7 @@ def overlay_png(study: PreparedStudy, prediction: np.ndarray, path: Path, title:
     ct = study.image[0]
     truth = study.label
     colours = _class_colours()
-    centre = _body_centre(ct)
+    centre = body_centre(ct)
     z, axial_name = _axial_index(truth, prediction, centre[0])
     centre = (z, centre[1], centre[2])
     heights = _plane_heights(ct.shape, study.spacing)
