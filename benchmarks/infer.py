@@ -1,6 +1,6 @@
 """Benchmark whole-study inference: `swinssl.eval.infer.predict_volume` vs MONAI sliding window with its defaults.
 
-    python benchmarks/infer.py [--feature-size 12] [--roi 64] [--threads 2] [--train-steps 30] [--weights PATH]
+    python benchmarks/infer.py [--feature-size 12] [--roi 64] [--threads 2] [--train-steps 60] [--weights PATH]
                                [--repeats 1] [--out bench_out/infer]
 
 What it measures, all in this one process, same SwinUNETR weights, same roi, same thread count, both under
@@ -9,14 +9,16 @@ What it measures, all in this one process, same SwinUNETR weights, same roi, sam
     (overlap 0.25, constant blending) over the whole volume, then argmax;
 (b) ours: `predict_volume(model, image, roi)` with its defaults (body box only, gaussian blending, 4 windows per
     forward, bf16 autocast and channels_last_3d only on CUDA).
-On ONE full-scale synthetic prepared study (168 x 168 x ~350 PET grid, most of it air): studies/s of each, windows
-run, the Dice of each prediction against the label, and - because Dice of an untrained model means nothing - the
-agreement of the two predictions (fraction of identical voxels inside the body box, and overall) and the foreground
-the baseline predicts outside the body box (what cropping discards). Without `--weights` the SwinUNETR is first
-trained for `--train-steps` AdamW steps of DiceCE on random roi crops of this same study (half centred on a labelled
-voxel), enough for it to predict background on air, so both predictions come from a model that has learned something.
-Goal: ours >= 1.5x the studies/s of the baseline at equal Dice (high agreement inside the body box, no foreground
-predicted outside it by the baseline).
+On ONE full-scale synthetic prepared study (168 x 168 x ~320 PET grid, most of it air): studies/s of each (median
+wall time of `--repeats` interleaved runs; process CPU time too, and the windows each ran: CPU timings on a shared
+machine are noisy, the window ratio is not), the Dice of each prediction against the label, and - because the Dice of
+a barely trained model says little - the agreement of the two predictions (fraction of identical voxels inside the
+body box, and overall) and the foreground each predicts outside the body box (what cropping discards).
+Without `--weights` the SwinUNETR is first trained for `--train-steps` AdamW steps of DiceCE on random roi crops of
+this same study (a third centred on a labelled voxel, the rest uniform): 60 steps (~3 min on 2 idle cores) make it
+predict background on air and agree with itself across tilings; after 30 it is still so undertrained that moving
+the window grid flips a fifth of the body voxels. `--weights` loads a trained SwinUNETR state_dict instead.
+Goal: ours >= 1.5x the studies/s of the baseline at equal Dice.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -110,12 +113,21 @@ def baseline(model: torch.nn.Module, image: torch.Tensor, roi: tuple[int, ...]) 
         return logits[0].argmax(0).to(torch.uint8).numpy()
 
 
-def timed(fn, counter: WindowCounter) -> tuple[np.ndarray, float, int]:
-    """Run `fn()`; returns (prediction, seconds, windows run)."""
+def timed(fn, counter: WindowCounter) -> dict:
+    """Run `fn()`; returns its prediction, wall and process CPU seconds, and the windows run."""
     counter.count = 0
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     prediction = fn()
-    return prediction, time.perf_counter() - start, counter.count
+    return {"prediction": prediction, "wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu,
+            "windows": counter.count}
+
+
+def summarise(runs: list[dict], config: str) -> dict:
+    """Median wall/CPU seconds of the repeats, studies/s, windows and wall seconds per window."""
+    wall = statistics.median(r["wall"] for r in runs)
+    return {"seconds": round(wall, 2), "cpu_seconds": round(statistics.median(r["cpu"] for r in runs), 2),
+            "studies_per_s": round(1 / wall, 4), "windows": runs[-1]["windows"],
+            "seconds_per_window": round(wall / runs[-1]["windows"], 3), "config": config}
 
 
 def _dice(pred: np.ndarray, truth: np.ndarray) -> dict:
@@ -159,7 +171,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--feature-size", type=int, default=12)
     parser.add_argument("--roi", type=int, default=64, help="cubic window edge (a multiple of 32)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--train-steps", type=int, default=30, help="quick DiceCE training when no --weights")
+    parser.add_argument("--train-steps", type=int, default=60, help="quick DiceCE training when no --weights")
+    parser.add_argument("--train-lr", type=float, default=3e-3)
     parser.add_argument("--weights", default=None, help="trained SwinUNETR state_dict (plain or under 'model')")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each, interleaved; median reported")
     parser.add_argument("--seed", type=int, default=5)
@@ -185,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.weights:
         load_weights(model, args.weights)
     elif args.train_steps > 0:
-        losses = quick_train(model, study.image, study.label, roi, args.train_steps, args.seed)
+        losses = quick_train(model, study.image, study.label, roi, args.train_steps, args.seed, args.train_lr)
     train_s = time.perf_counter() - start
     model.eval()
     image = torch.from_numpy(study.image)
@@ -194,11 +207,16 @@ def main(argv: list[str] | None = None) -> dict:
             model(torch.zeros(batch, 2, *roi))
     counter = WindowCounter(model)
     runs: dict[str, list] = {"baseline": [], "ours": []}
-    for _ in range(args.repeats):
+    load_before = os.getloadavg()[0]
+    for _ in range(args.repeats):  # interleaved, so load from elsewhere on the machine hits both alike
         runs["baseline"].append(timed(lambda: baseline(model, image, roi), counter))
         runs["ours"].append(timed(lambda: predict_volume(model, image, roi), counter))
-    base, ours = runs["baseline"][-1][0], runs["ours"][-1][0]
-    seconds = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
+    load_after = os.getloadavg()[0]
+    base, ours = runs["baseline"][-1]["prediction"], runs["ours"][-1]["prediction"]
+    timing = {"baseline": summarise(runs["baseline"], "sliding_window_inference defaults: whole volume, "
+                                                      "sw_batch_size=1, overlap=0.25, mode=constant"),
+              "ours": summarise(runs["ours"], "predict_volume defaults: body box, sw_batch_size=4, overlap=0.25, "
+                                              "mode=gaussian")}
     box = body_box(study.image)
     write_figures(study, base, ours, out)
 
@@ -209,14 +227,12 @@ def main(argv: list[str] | None = None) -> dict:
         "feature_size": args.feature_size, "roi": list(roi), "threads": args.threads, "repeats": args.repeats,
         "weights": args.weights, "train_steps": 0 if args.weights else args.train_steps, "train_s": round(train_s, 1),
         "train_loss_first_last": [round(losses[0], 4), round(losses[-1], 4)] if losses else None,
-        "baseline": {"seconds": round(seconds["baseline"], 2), "studies_per_s": round(1 / seconds["baseline"], 4),
-                     "windows": runs["baseline"][-1][2], "config": "sw_batch_size=1, overlap=0.25, mode=constant, "
-                                                                   "whole volume"},
-        "ours": {"seconds": round(seconds["ours"], 2), "studies_per_s": round(1 / seconds["ours"], 4),
-                 "windows": runs["ours"][-1][2], "config": "predict_volume defaults: body box, sw_batch_size=4, "
-                                                           "overlap=0.25, mode=gaussian"},
-        "speedup": round(seconds["baseline"] / seconds["ours"], 2),
+        **timing,
+        "speedup": round(timing["baseline"]["seconds"] / timing["ours"]["seconds"], 2),
+        "speedup_cpu_time": round(timing["baseline"]["cpu_seconds"] / timing["ours"]["cpu_seconds"], 2),
+        "window_ratio": round(timing["baseline"]["windows"] / timing["ours"]["windows"], 2),
         "goal_speedup": 1.5,
+        "load_average_1min_before_after": [round(load_before, 2), round(load_after, 2)],
         "dice_vs_truth": {"baseline": _dice(base, study.label), "ours": _dice(ours, study.label)},
         **compare(base, ours, box),
     }

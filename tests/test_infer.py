@@ -148,3 +148,16 @@ def test_dice_bar_chart_series_and_nan(tmp_path):
     assert np.isnan(matrix[2]).all()
     with pytest.raises(ValueError):
         _series_matrix({0: 0.5})  # background is never scored
+
+
+def test_channels_last_3d_keeps_the_function():
+    """The CUDA-only weight layout change (run here on CPU) must not change what the model computes."""
+    from swinssl.eval.infer import _channels_last_3d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.InstanceNorm3d(4), nn.Conv3d(4, 12, 1)).eval()
+    x = torch.rand(1, 2, 8, 8, 8)
+    expected = model(x)
+    _channels_last_3d(model)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last_3d)), expected)

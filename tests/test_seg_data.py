@@ -223,3 +223,12 @@ def test_seg_crop_dataset_rejects_unlabelled_shard(ray_data, tmp_path):
         SegCropSampler((8, 8, 8), 2, 0)({"path": np.array([shard])})
     with pytest.raises(Exception, match="unlabelled_study.*no label"):  # Ray wraps it in RayTaskError(UserCode...)
         seg_crop_dataset([shard], (8, 8, 8), 2).take_all()
+
+
+def test_fast_float16_body_mask_matches_float_compare():
+    from swinssl.data.crops import BODY_THRESHOLD, body_mask
+
+    values = np.random.default_rng(0).uniform(-0.5, 1.5, (20, 30, 40)).astype(np.float16)
+    values[0, 0, :3] = [np.nan, -0.0, np.float16(BODY_THRESHOLD)]
+    np.testing.assert_array_equal(body_mask(values), values > BODY_THRESHOLD)
+    np.testing.assert_array_equal(body_mask(values.astype(np.float32)), values.astype(np.float32) > BODY_THRESHOLD)

@@ -27,10 +27,18 @@ SEG_COLUMNS = ("study_id", "shape", "image", "label")
 
 
 def read_shard_row(path: str, columns: tuple[str, ...]) -> dict:
-    """The one row of a one-study shard, only `columns` (pyarrow reads nothing else)."""
+    """The one row of a one-study shard, only `columns` (pyarrow reads nothing else). Binary columns come back as
+    zero-copy Arrow buffers (`to_pylist` would copy the whole volume into Python bytes: ~40 % of a read)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(str(path), columns=list(columns)).to_pylist()[0]
+    table = pq.read_table(str(path), columns=list(columns))
+    row = {}
+    for name in columns:
+        scalar = table.column(name)[0]
+        binary = pa.types.is_binary(scalar.type) and scalar.is_valid
+        row[name] = scalar.as_buffer() if binary else scalar.as_py()
+    return row
 
 
 def decode_image(row: dict) -> np.ndarray:
@@ -140,8 +148,12 @@ def _crop_stream(shards: list[str], crops_per_study: int, min_crops_per_epoch: i
     repeats = epoch_repeats(len(shards), crops_per_study, min_crops_per_epoch)
     files = [{"path": str(path)} for path in list(shards) * repeats]
     dataset = ray.data.from_items(files, override_num_blocks=len(files)).randomize_block_order()
-    return dataset.map_batches(_as_task(sampler), batch_size=1, batch_format="numpy", num_cpus=read_cpus,
-                               zero_copy_batch=True)
+    crops = dataset.map_batches(_as_task(sampler), batch_size=1, batch_format="numpy", num_cpus=read_cpus,
+                                zero_copy_batch=True)
+    # One map operator: Ray Data's per-operator resource reservation (half the budget) otherwise lets ~1 crop task
+    # run at a time on small nodes (measured: +45-85 % crops/s without it on 2 CPUs). This dataset only.
+    crops.context.op_resource_reservation_enabled = False
+    return crops
 
 
 def _as_task(sampler: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]):

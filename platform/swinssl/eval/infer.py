@@ -117,6 +117,13 @@ def _predictor(model: nn.Module, device: torch.device, amp: bool) -> Callable[[T
     return predict
 
 
+def _channels_last_3d(model: nn.Module) -> None:
+    """5-D weights (Conv3d) to channels_last_3d, which cuDNN's bf16 3-D convolutions prefer; others untouched."""
+    for param in model.parameters():
+        if param.dim() == 5:
+            param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
+
+
 def predict_volume(
     model: nn.Module,
     image: Tensor,
@@ -133,8 +140,8 @@ def predict_volume(
 
     Args:
         model: maps (B, C, *roi) -> (B, num_classes, *roi) logits, e.g. a MONAI SwinUNETR. It is moved to `device`
-            (and to channels_last_3d on CUDA) in place, as `nn.Module.to` does, and run in eval mode; its
-            train/eval flag is restored afterwards.
+            in place, as `nn.Module.to` does (on CUDA its 5-D weights also become channels_last_3d), and run in eval
+            mode; its train/eval flag is restored afterwards.
         image: (C, Z, Y, X) float image (a NumPy array is accepted too), channel 0 normalised CT.
         roi: sliding-window size (z, y, x), e.g. (96, 96, 96).
         num_classes: number of output channels of `model`.
@@ -161,7 +168,7 @@ def predict_volume(
     was_training = model.training
     model.to(device).eval()
     if _cuda(device):
-        model.to(memory_format=torch.channels_last_3d)
+        _channels_last_3d(model)
     try:
         with torch.inference_mode():
             logits = sliding_window_inference(crop, roi, sw_batch_size, _predictor(model, device, amp), overlap=overlap,
