@@ -264,10 +264,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                           f"valid keys: {', '.join(_valid_keys(schema))}") from None
 
 
-def config_to_dict(cfg: Any) -> dict:
-    return asdict(cfg)
-
-
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """{'loss.w_rotation': 1.0, ...}: MLflow params and sweep keys use these dotted names."""
     out: dict[str, Any] = {}
@@ -292,5 +288,5 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 
 
 def from_dict(data: dict, schema: type[T] = PretrainConfig) -> T:
-    """Rebuild a config from `config_to_dict` output (e.g. inside Ray workers), validated like a YAML."""
+    """Rebuild a config from `dataclasses.asdict` output (e.g. inside Ray workers), validated like a YAML."""
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))  # type: ignore[return-value]

@@ -11,8 +11,3 @@ def normalise(values: np.ndarray, window: Window) -> np.ndarray:
     """float32 copy of `values` clipped to the window and mapped to [0, 1]; shape unchanged."""
     scaled = (values.astype(np.float32, copy=False) - np.float32(window.lo)) / np.float32(window.hi - window.lo)
     return np.clip(scaled, 0.0, 1.0, out=scaled)
-
-
-def denormalise(values: np.ndarray, window: Window) -> np.ndarray:
-    """Inverse of `normalise` inside the window (clipped values stay at the window edge)."""
-    return values.astype(np.float32) * np.float32(window.hi - window.lo) + np.float32(window.lo)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -182,7 +181,3 @@ def _run_ray(sources, layout, cfg, digest, workers, progress):
             except Exception as exc:  # the worker died (OOM kill, segfault in ITK): record and go on
                 yield _id_failure(source, "internal", f"worker failed: {type(exc).__name__}: {exc}"[:500])
             bar.update()
-
-
-def default_workers() -> int:
-    return max(1, (os.cpu_count() or 2))

@@ -12,8 +12,6 @@ from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
 
-HALF_LIFE_S = {"Ga-68": 4056.0, "F-18": 6586.0}  # for documentation/tests; the tag value is what is used
-
 
 class SuvTagError(ValueError):
     """A PET series cannot be converted to SUV; `missing` tells a missing tag from an unusable one."""
