@@ -19,30 +19,36 @@ T = TypeVar("T")
 
 
 @dataclass
-class DataConfig:
-    """Which prepared studies feed pretraining and how crops are cut from them."""
+class CropStreamConfig:
+    """Where prepared studies come from and how the Ray Data stream cuts crops from them (shared by all runs)."""
 
     root: str = ""
     """Output folder of `swinssl prepare` (holds manifest.jsonl and shards/)."""
-    cohort: str = "unlabeled"
-    """Cohort of the manifest to pretrain on ('unlabeled', 'labeled' or 'all')."""
-    subset: str = "all"
-    """'all', or N: the first N studies of the cohort in curation order (450 and 760 are the same code path)."""
     roi: list[int] = field(default_factory=lambda: [96, 96, 96])
     """Crop size (Z, Y, X) in PET voxels; every side must be divisible by 32."""
     crops_per_study: int = 2
     """Random crops cut from one decoded volume (decoding is the expensive part: reuse it)."""
     batch_size: int = 2
-    """Crops per worker per step (each crop gives two augmented views)."""
+    """Crops per worker per step."""
     shuffle_buffer: int = 8
     """Local shuffle buffer in crops (mixes crops of several studies without a global shuffle)."""
-    min_foreground: float = 0.05
-    """A crop must have at least this share of voxels inside the body (CT channel > body threshold)."""
     read_cpus: float = 1.0
     """CPUs per crop task in the Ray Data pipeline."""
     min_crops_per_epoch: int = 256
     """A pass over the data lists each shard often enough to yield at least this many crops: a small cohort would
     otherwise restart the Ray Data pipeline (seconds) every few steps."""
+
+
+@dataclass
+class DataConfig(CropStreamConfig):
+    """Which prepared studies feed pretraining (each crop gives two augmented views)."""
+
+    cohort: str = "unlabeled"
+    """Cohort of the manifest to pretrain on ('unlabeled', 'labeled' or 'all')."""
+    subset: str = "all"
+    """'all', or N: the first N studies of the cohort in curation order (450 and 760 are the same code path)."""
+    min_foreground: float = 0.05
+    """A crop must have at least this share of voxels inside the body (CT channel > body threshold)."""
 
 
 @dataclass
@@ -146,19 +152,12 @@ class PretrainConfig:
 
 
 @dataclass
-class FinetuneDataConfig:
-    """Labelled studies for fine-tuning and how training crops are cut from them."""
+class FinetuneDataConfig(CropStreamConfig):
+    """Labelled studies for fine-tuning (the `labeled` cohort of data.root) and their training crops."""
 
-    root: str = ""
-    """Output folder of `swinssl prepare`; the `labeled` cohort is used."""
-    roi: list[int] = field(default_factory=lambda: [96, 96, 96])
     crops_per_study: int = 4
-    batch_size: int = 2
-    shuffle_buffer: int = 8
     class_balanced: bool = True
     """Centre crops on a uniformly chosen class present in the study, so small organs and lesions are seen."""
-    read_cpus: float = 1.0
-    min_crops_per_epoch: int = 256
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 
-def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+def uniform_draws(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
     """float32 uniform [0, 1) numbers drawn from `generator` (on its device), returned on `device`."""
     source = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=source).to(device)
@@ -76,7 +76,7 @@ def random_rotation(
         (rotated (B, C, D, H, W), k (B,) long on x's device), the rotation-task labels.
     """
     _rotation_dims(x, dims)
-    k = (_rand((x.shape[0],), generator, x.device) * 4).long().clamp_(max=3)  # (B,)
+    k = (uniform_draws((x.shape[0],), generator, x.device) * 4).long().clamp_(max=3)  # (B,)
     return rotate_quarter(x, k, dims), k
 
 
@@ -143,8 +143,8 @@ def cutout(
     size = torch.tensor(spatial, device=device)  # (3,)
 
     # Every random number up front (the generator state after the call does not depend on early stops).
-    draws = _rand((max_boxes, batch, 7), generator, device)  # per round/sample: 3 sides, 3 starts, 1 source
-    noise = _rand(tuple(x.shape), generator, device).to(x.dtype)  # (B, C, D, H, W)
+    draws = uniform_draws((max_boxes, batch, 7), generator, device)  # per round/sample: 3 sides, 3 starts, 1 source
+    noise = uniform_draws(tuple(x.shape), generator, device).to(x.dtype)  # (B, C, D, H, W)
 
     coords = [torch.arange(s, device=device) for s in spatial]
     source = torch.zeros((batch, 1, *spatial), dtype=torch.uint8, device=device)  # 0 keep, 1 noise, 2 partner

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .pretext_ops import _rand
+from .pretext_ops import uniform_draws
 
 
 def random_flip(image: Tensor, label: Tensor, generator: torch.Generator | None = None, prob: float = 0.5,
@@ -30,7 +30,7 @@ def random_flip(image: Tensor, label: Tensor, generator: torch.Generator | None 
         from one (B, len(axes)) uniform tensor u: sample b is flipped along axes[a] iff u[b, a] < prob.
     """
     axes = _check_flip(image, label, prob, axes)
-    flips = _rand((image.shape[0], len(axes)), generator, image.device) < prob  # (B, A) bool
+    flips = uniform_draws((image.shape[0], len(axes)), generator, image.device) < prob  # (B, A) bool
     for column, axis in enumerate(axes):
         mask = flips[:, column].view(-1, 1, 1, 1, 1)  # (B, 1, 1, 1, 1), broadcast over channels and space
         image = torch.where(mask, image.flip(axis), image)
@@ -70,7 +70,7 @@ def random_intensity(image: Tensor, generator: torch.Generator | None = None, sc
         raise ValueError(f"image must be (B, C, D, H, W), got {tuple(image.shape)}")
     if scale < 0 or shift < 0:
         raise ValueError(f"scale and shift must be >= 0, got {scale} and {shift}")
-    u = _rand((2, *image.shape[:2]), generator, image.device) * 2 - 1  # (2, B, C) in [-1, 1)
+    u = uniform_draws((2, *image.shape[:2]), generator, image.device) * 2 - 1  # (2, B, C) in [-1, 1)
     factor = (1 + scale * u[0]).to(image.dtype).view(*image.shape[:2], 1, 1, 1)
     offset = (shift * u[1]).to(image.dtype).view(*image.shape[:2], 1, 1, 1)
     return image * factor + offset
