@@ -1,35 +1,32 @@
 #!/usr/bin/env bash
 # The synthetic end-to-end study behind `make demo`. Usage: scripts/demo.sh OUT_DIR
-# synth -> prepare -> pretrain (tiny) -> fine-tune from scratch and from the pretrained encoder -> Dice table.
+# synth -> prepare -> sweep (Ray Tune: each trial pretrains on 3 or 6 unlabelled studies, then fine-tunes with
+# 2-fold CV; plus a scratch baseline) -> the comparison table and plots, read back from MLflow.
 set -euo pipefail
 OUT=$(mkdir -p "${1:-demo_out}" && cd "${1:-demo_out}" && pwd)
 export RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=1
 # Ray's worker logs go to OUT/<step>.log; the command's own summary (stdout) is shown.
 quiet() { local log="$OUT/$1.log"; shift; "$@" 2>"$log" || { tail -60 "$log"; exit 1; }; }
 
-echo "== 1/5 synth: a small synthetic PSMA PET/CT cohort (NIfTI) =="
+echo "== 1/4 synth: a small synthetic PSMA PET/CT cohort (NIfTI) =="
 swinssl synth --out "$OUT/cohort" --unlabeled 6 --labeled 4 --seed 0 --scale small
 
-echo "== 2/5 prepare: register CT to PET, resample, normalise, shard (2 Ray workers) =="
+echo "== 2/4 prepare: register CT to PET, resample, normalise, shard (2 Ray workers) =="
 swinssl prepare --input "$OUT/cohort/cohort.csv" --out "$OUT/prepared" --workers 2
 
-echo "== 3/5 pretrain: tiny SwinUNETR encoder, 3 pretext tasks, 2 Ray Train workers =="
-quiet pretrain swinssl pretrain experiments/pretrain_tiny.yaml data.root="$OUT/prepared" \
-    output_dir="$OUT/runs/pretrain_tiny" trainer.steps=10 trainer.checkpoint_every=5
+echo "== 3/4 sweep: the dataset-size study (n=3 vs n=6 unlabelled + scratch), tiny SwinUNETR, Ray Tune =="
+# a rerun of `make demo` continues the same sweep (finished trials are kept)
+RESUME=$([ -f "$OUT/runs/dataset_size/trials.json" ] && echo --resume || true)
+quiet sweep swinssl sweep experiments/dataset_size_tiny.yaml $RESUME data.root="$OUT/prepared" \
+    output_dir="$OUT/runs/dataset_size" name=dataset_size_demo "search.grid={data.subset: ['3', '6']}" \
+    pretrain_overrides.trainer.steps=10 pretrain_overrides.trainer.checkpoint_every=5 \
+    finetune_overrides.trainer.steps=6 finetune_overrides.trainer.checkpoint_every=3 > "$OUT/sweep.out"
+grep -E "^(FINISHED|FAILED|KILLED) " "$OUT/sweep.out"
 
-echo "== 4/5 finetune from scratch (2-fold CV) =="
-quiet finetune_scratch swinssl finetune experiments/finetune_tiny.yaml data.root="$OUT/prepared" \
-    output_dir="$OUT/runs/finetune_scratch" name=finetune_scratch encoder=""
-
-echo "== 5/5 finetune from the pretrained encoder (2-fold CV) =="
-quiet finetune_pretrained swinssl finetune experiments/finetune_tiny.yaml data.root="$OUT/prepared" \
-    output_dir="$OUT/runs/finetune_pretrained" name=finetune_pretrained \
-    encoder="$OUT/runs/pretrain_tiny/encoder.pt"
-
-echo
-echo "Dice per class, mean +- std over folds (a few CPU steps on synthetic data: a smoke test, not a result):"
-swinssl report --runs scratch="$OUT/runs/finetune_scratch" pretrained="$OUT/runs/finetune_pretrained"
+echo "== 4/4 report: Dice per setting and class, gain over scratch (a few CPU steps: a smoke test, not a result) =="
+swinssl report --sweep dataset_size_demo --tracking-uri "sqlite:///$OUT/runs/mlflow.db" --out "$OUT/report"
 echo
 echo "QC:      $OUT/prepared/qc/ (per-study PNGs, summary.md)"
-echo "Outputs: $OUT/runs/*/ (encoder.pt, metrics.json, predictions/, overlays/, dice_per_class.png)"
-echo "MLflow:  mlflow ui --backend-store-uri sqlite:///$OUT/runs/mlflow.db --host 127.0.0.1"
+echo "Trials:  $OUT/runs/dataset_size/trials/*/ (pretrain/encoder.pt, finetune/metrics.json, predictions/)"
+echo "MLflow:  mlflow ui --backend-store-uri sqlite:///$OUT/runs/mlflow.db --host 127.0.0.1  (experiment"
+echo "         swinssl-studies-tiny: select the trial runs of sweep dataset_size_demo, then Compare)"

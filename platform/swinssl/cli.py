@@ -5,10 +5,12 @@
     swinssl export   OUT --study ID --to DIR
     swinssl pretrain experiments/pretrain.yaml [key=value ...]
     swinssl finetune experiments/finetune.yaml [key=value ...]   (encoder=PATH|RUN_ID|'' for scratch)
+    swinssl sweep    experiments/dataset_size.yaml [key=value ...] [--resume]
     swinssl report   --runs NAME=FINETUNE_DIR [NAME=FINETUNE_DIR ...]
+    swinssl report   --sweep SWEEP_RUN_ID|SWEEP_NAME|SWEEP_DIR [--tracking-uri URI] [--out DIR]
 
 Exit codes: 0 success; 2 usage or config error; 3 `prepare` finished but at least one study failed (see the
-manifest); 4 training failed after its retries.
+manifest), or `sweep` finished but at least one trial failed; 4 training failed after its retries.
 """
 
 from __future__ import annotations
@@ -111,9 +113,48 @@ def dice_table(runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .config import SweepConfig, load_config
+    from .tune.sweep import EXIT_TRIALS_FAILED, resolve_stage_paths, sweep
+
+    cfg = resolve_stage_paths(load_config(args.config, args.overrides, SweepConfig), args.config)
+    result = sweep(cfg, resume=args.resume)
+    for trial in result.trials:
+        print(f"{trial['status']:9s} {trial['name']}" + (f"  ({trial['error']})" if trial["error"] else ""))
+    if result.report:
+        print(result.report)
+        print(f"report: {result.output_dir / 'report'}   MLflow sweep run {result.run_id}: mlflow ui "
+              f"--backend-store-uri {result.tracking_uri} --host 127.0.0.1")
+    if result.failed:
+        print(f"swinssl sweep: {len(result.failed)} trial(s) did not finish; `swinssl sweep --resume` reruns them",
+              file=sys.stderr)
+        return EXIT_TRIALS_FAILED
+    return 0
+
+
+def _report_sweep(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from .tune.report import sweep_report
+
+    record = Path(args.sweep) / "mlflow_run.json"
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (
+        json.loads(record.read_text())["tracking_uri"] if record.exists() else "")
+    if not uri:
+        raise ValueError("give --tracking-uri (or MLFLOW_TRACKING_URI, or a sweep output folder as --sweep)")
+    out = Path(args.out or (Path(args.sweep) / "report" if record.exists() else "sweep_report"))
+    report = sweep_report(uri, args.sweep, out)
+    print(report.markdown)
+    print("files: " + "  ".join(str(p) for p in report.files))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     import json
 
+    if args.sweep:
+        return _report_sweep(args)
     runs = {}
     for item in args.runs:
         name, _, folder = item.partition("=")
@@ -168,8 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. encoder=runs/pt/encoder.pt")
     fine.set_defaults(run=_finetune)
 
-    report = verbs.add_parser("report", help="compare fine-tune runs: Dice per class, mean +- std over folds")
-    report.add_argument("--runs", nargs="+", required=True, help="NAME=DIR pairs of `swinssl finetune` outputs")
+    sweep = verbs.add_parser("sweep", help="Ray Tune study: each trial pretrains then fine-tunes with CV")
+    sweep.add_argument("config", help="sweep YAML, e.g. experiments/dataset_size.yaml")
+    sweep.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=prepared")
+    sweep.add_argument("--resume", action="store_true", help="continue the sweep in output_dir (finished trials "
+                       "are kept, failed and unfinished ones run again)")
+    sweep.set_defaults(run=_sweep)
+
+    report = verbs.add_parser("report", help="compare fine-tune runs, or the trials of a sweep")
+    which = report.add_mutually_exclusive_group(required=True)
+    which.add_argument("--runs", nargs="+", help="NAME=DIR pairs of `swinssl finetune` outputs")
+    which.add_argument("--sweep", help="sweep run id, sweep run name, or sweep output folder")
+    report.add_argument("--tracking-uri", default="", help="MLflow URI for --sweep (default: MLFLOW_TRACKING_URI)")
+    report.add_argument("--out", default="", help="folder for the --sweep report files")
     report.set_defaults(run=_report)
     return parser
 

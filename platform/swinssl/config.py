@@ -215,6 +215,76 @@ class FinetuneConfig:
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="swinssl-finetune"))
 
 
+@dataclass
+class SampleSpec:
+    """One randomly searched key: `uniform`/`loguniform` over [low, high], or `choice` among `values`."""
+
+    kind: str = "uniform"
+    low: float = 0.0
+    high: float = 1.0
+    values: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class SearchConfig:
+    """The trials of a sweep. Keys are the dotted config keys of the pretraining YAML (`loss.w_rotation`,
+    `data.subset`); a `finetune.` prefix targets the fine-tuning config instead (`finetune.optim.lr`)."""
+
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    """Every combination is a trial (nested YAML or dotted keys)."""
+    sample: dict[str, SampleSpec] = field(default_factory=dict)
+    """Random search: each of `num_samples` draws per grid point samples these keys (seeded, so reproducible)."""
+    num_samples: int = 1
+    seed: int = 0
+
+
+@dataclass
+class SchedulerConfig:
+    """Optional ASHA early stopping of pretraining, on `metric` measured in samples seen (not iterations: subsets
+    of different sizes run different numbers of epochs). Stopped trials are not fine-tuned (MLflow: KILLED)."""
+
+    asha: bool = False
+    metric: str = "loss"
+    grace_samples: int = 64
+    max_samples: int = 0
+    """0: the samples a full pretraining sees (steps x batch x workers x accumulation)."""
+    reduction_factor: int = 2
+
+
+@dataclass
+class SweepDataConfig:
+    root: str = ""
+    """Output folder of `swinssl prepare`; used by both the pretraining and the fine-tuning of every trial."""
+
+
+@dataclass
+class SweepConfig:
+    """`swinssl sweep`: a Ray Tune study; each trial pretrains (TorchTrainer) then fine-tunes with CV."""
+
+    name: str = "sweep"
+    study: str = ""
+    """MLflow `study` tag of the sweep and all its runs (the filter for the compare view); default: name."""
+    output_dir: str = ""
+    data: SweepDataConfig = field(default_factory=SweepDataConfig)
+    pretrain: str = "pretrain.yaml"
+    """Pretraining YAML (relative to this file) every trial starts from."""
+    finetune: str = "finetune.yaml"
+    pretrain_overrides: dict[str, Any] = field(default_factory=dict)
+    """Applied to every trial's pretraining config before its search values (e.g. trainer.steps)."""
+    finetune_overrides: dict[str, Any] = field(default_factory=dict)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Each trial runs once per seed (trainer.seed of both stages; folds stay fixed): the report shows spread."""
+    scratch_baseline: bool = True
+    """Add one fine-tune-from-scratch trial per seed: the baseline every gain is measured against."""
+    max_concurrent_trials: int = 0
+    """0: as many as the cluster's CPUs/GPUs hold (each trial: its Train workers + data tasks)."""
+    max_failures: int = 1
+    """Tune retries of a failing trial before it is recorded as FAILED (the other trials go on)."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="swinssl-sweep"))
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 

@@ -205,14 +205,14 @@ def save_prediction(study: PreparedStudy, prediction: np.ndarray, path: Path) ->
     return path
 
 
-def _figure(**kwargs) -> Figure:
+def new_figure(**kwargs) -> Figure:
     """A figure on the Agg canvas, without pyplot: no display, no global figure registry, safe in workers."""
     fig = Figure(**kwargs)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save_png(fig: Figure, path: Path) -> Path:
+def save_png(fig: Figure, path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80, facecolor=fig.get_facecolor())
     path = Path(path)
@@ -286,7 +286,7 @@ def overlay_png(study: PreparedStudy, prediction: np.ndarray, path: Path, title:
     z, axial_name = _axial_index(truth, prediction, centre[0])
     centre = (z, centre[1], centre[2])
     heights = _plane_heights(ct.shape, study.spacing)
-    fig = _figure(figsize=(8, 4.3 * sum(heights) + 2), facecolor="black")
+    fig = new_figure(figsize=(8, 4.3 * sum(heights) + 2), facecolor="black")
     axes = fig.subplots(3, 2, gridspec_kw={"height_ratios": heights})
     rows = zip(_planes(ct, centre), _planes(truth, centre) if truth is not None else [None] * 3,
                _planes(prediction, centre), _aspects(study.spacing), ("coronal", "sagittal", f"axial ({axial_name})"))
@@ -305,7 +305,7 @@ def overlay_png(study: PreparedStudy, prediction: np.ndarray, path: Path, title:
         fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False, labelcolor="white")
     fig.suptitle(title or study.study_id, color="white", fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------------- bar chart
@@ -344,7 +344,7 @@ def dice_bar_chart(per_class: dict[str, dict[int, float]] | dict[int, float], pa
     names, matrix = _series_matrix(per_class)
     classes = np.arange(matrix.shape[1])
     width = 0.8 / len(names)
-    fig = _figure(figsize=(max(8.0, 0.45 * matrix.shape[1] * len(names) ** 0.5 + 3), 4.5))
+    fig = new_figure(figsize=(max(8.0, 0.45 * matrix.shape[1] * len(names) ** 0.5 + 3), 4.5))
     ax = fig.subplots()
     handles = []
     for row, name in enumerate(names):
@@ -362,4 +362,4 @@ def dice_bar_chart(per_class: dict[str, dict[int, float]] | dict[int, float], pa
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    return _save_png(fig, path)
+    return save_png(fig, path)

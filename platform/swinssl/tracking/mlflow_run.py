@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -60,19 +61,47 @@ def open_run(uri: str, experiment: str, run_name: str, output_dir: str | Path, p
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, tags={k: v for k, v in all_tags.items() if v}, run_name=run_name)
     log_params(client, run.info.run_id, params)
+    attach_run(output_dir, uri, run.info.run_id, experiment)
+    return run.info.run_id
+
+
+def attach_run(output_dir: str | Path, uri: str, run_id: str, experiment: str) -> None:
+    """Make a later `open_run(..., output_dir, ...)` log into an existing run instead of creating one (a sweep
+    trial's fine-tuning logs its Dice into the trial run, its folds nest under it)."""
+    record = Path(output_dir) / RUN_FILE
     record.parent.mkdir(parents=True, exist_ok=True)
     tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri, "experiment": experiment}))
+    tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, "experiment": experiment}))
     os.replace(tmp, record)
-    return run.info.run_id
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value)[:_PARAM_MAX])
+
+
+_SECRET_KEY = re.compile(r"(password|secret|token|api_key|access_key|credential)", re.IGNORECASE)
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+
+
+def redact(key: str, value: Any) -> str:
+    """A param as MLflow stores it, without secrets: credentials belong in the environment, never in a run."""
+    if _SECRET_KEY.search(key):
+        return "<redacted>"
+    return _URL_CREDENTIALS.sub(r"\g<scheme><redacted>@", str(value))[:_PARAM_MAX]
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, str(v)[:_PARAM_MAX]) for k, v in params.items()]
+    items = [Param(k, redact(k, v)) for k, v in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start:start + 100])
+
+
+def log_run_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    log_params(_client(uri), run_id, params)
 
 
 def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:

@@ -114,10 +114,14 @@ def _train_fold(cfg, k, train_refs, output_dir, encoder_path, tracking) -> Path:
 
 def _evaluate(cfg, checkpoint: Path, val_refs, output_dir) -> list[dict]:
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from ..eval.evaluate import evaluate_fold
 
-    task = ray.remote(evaluate_fold).options(num_cpus=cfg.eval.cpus, num_gpus=1 if cfg.trainer.use_gpu else 0)
+    # placement_group=None: inside a Tune trial the task must not be captured into the trial's 0.1-CPU bundle
+    task = ray.remote(evaluate_fold).options(
+        num_cpus=cfg.eval.cpus, num_gpus=1 if cfg.trainer.use_gpu else 0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     return ray.get(task.remote(str(checkpoint), [s.shard for s in val_refs], asdict(cfg), str(output_dir),
                                cfg.eval.overlays))
 

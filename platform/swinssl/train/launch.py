@@ -25,6 +25,8 @@ class PretrainResult:
     metrics: dict
     run_id: str | None
     tracking_uri: str | None
+    num_studies: int = 0
+    """Unlabelled studies pretrained on (the resolved `data.subset`)."""
 
 
 def model_signature(cfg: PretrainConfig) -> dict:
@@ -65,7 +67,8 @@ def scaling_config(cfg):
                                                **({"GPU": 1} if cfg.trainer.use_gpu else {})})
 
 
-def build_trainer(cfg: PretrainConfig, studies: list, output_dir: Path, tracking: dict | None):
+def build_trainer(cfg: PretrainConfig, studies: list, output_dir: Path, tracking: dict | None,
+                  callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -82,7 +85,8 @@ def build_trainer(cfg: PretrainConfig, studies: list, output_dir: Path, tracking
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(name=cfg.name, storage_path=str(output_dir / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints),
+                             callbacks=callbacks or None),
         datasets={"train": dataset},
     )
 
@@ -97,7 +101,7 @@ def chaos_config(cfg, output_dir: Path) -> dict | None:
     return {"kill_step": step, "rank": cfg.trainer.num_workers - 1, "marker": str(output_dir / ".chaos_fired")}
 
 
-def _open_tracking(cfg: PretrainConfig, output_dir: Path, studies: list) -> dict | None:
+def _open_tracking(cfg: PretrainConfig, output_dir: Path, studies: list, parent_run_id: str | None) -> dict | None:
     if not cfg.tracking.enabled:
         return None
     from ..tracking.mlflow_run import log_artifact, open_run, resolve_tracking_uri
@@ -105,7 +109,8 @@ def _open_tracking(cfg: PretrainConfig, output_dir: Path, studies: list) -> dict
     uri = resolve_tracking_uri(cfg.tracking, output_dir)
     params = {**flatten(cfg), "data.num_studies": len(studies)}
     run_id = open_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name, output_dir, params,
-                      tags={"swinssl.kind": "pretrain"}, parent_run_id=os.environ.get("SWINSSL_PARENT_RUN_ID"))
+                      tags={"swinssl.kind": "pretrain"},
+                      parent_run_id=parent_run_id or os.environ.get("SWINSSL_PARENT_RUN_ID"))
     log_artifact(uri, run_id, output_dir / "config.yaml")
     return {"uri": uri, "run_id": run_id}
 
@@ -120,13 +125,14 @@ def export_encoder(cfg: PretrainConfig, task: PretrainTask, checkpoint_dir: str 
                                             "roi": list(cfg.data.roi)})
 
 
-def _fit(cfg: PretrainConfig, task: PretrainTask, studies: list, output_dir: Path, tracking: dict | None):
+def _fit(cfg: PretrainConfig, task: PretrainTask, studies: list, output_dir: Path, tracking: dict | None,
+         callbacks: list | None):
     from petct.raylocal import ensure_ray
 
     # workers + their data tasks + Train's controller: on a small machine ask for enough logical CPUs
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2 * cfg.data.read_cpus)
     try:
-        result = build_trainer(cfg, studies, output_dir, tracking).fit()
+        result = build_trainer(cfg, studies, output_dir, tracking, callbacks).fit()
     except Exception:
         if tracking:
             from ..tracking.mlflow_run import finish_run
@@ -138,23 +144,27 @@ def _fit(cfg: PretrainConfig, task: PretrainTask, studies: list, output_dir: Pat
     return encoder, {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
 
 
-def pretrain(cfg: PretrainConfig) -> PretrainResult:
-    """Run (or resume) a pretraining run end to end; see the module docstring for the outputs."""
+def pretrain(cfg: PretrainConfig, parent_run_id: str | None = None, callbacks: list | None = None) -> PretrainResult:
+    """Run (or resume) a pretraining run end to end; see the module docstring for the outputs.
+
+    `parent_run_id`: nest the MLflow run (else SWINSSL_PARENT_RUN_ID); `callbacks`: Ray Train UserCallbacks (a
+    sweep trial passes Tune's TuneReportCallback so rank 0's metrics reach the scheduler)."""
     task, studies, output_dir = _validate(cfg)
     latest = check_resumable(cfg, output_dir)
     save_config(cfg, output_dir / "config.yaml")
-    tracking = _open_tracking(cfg, output_dir, studies)
+    tracking = _open_tracking(cfg, output_dir, studies, parent_run_id)
     if latest is not None and load_meta(latest).get("step", 0) >= cfg.trainer.steps:
         # a rerun of a finished command: nothing to launch, re-export from the last checkpoint
         encoder = export_encoder(cfg, task, latest, output_dir / "encoder.pt")
         previous = output_dir / "result.json"
         metrics = json.loads(previous.read_text())["metrics"] if previous.exists() else {}
     else:
-        encoder, metrics = _fit(cfg, task, studies, output_dir, tracking)
+        encoder, metrics = _fit(cfg, task, studies, output_dir, tracking, callbacks)
     (output_dir / "result.json").write_text(json.dumps({"metrics": metrics, "encoder": str(encoder)}, indent=1))
     if tracking:
         from ..tracking.mlflow_run import finish_run, log_artifact
 
         log_artifact(tracking["uri"], tracking["run_id"], encoder)
         finish_run(tracking["uri"], tracking["run_id"])
-    return PretrainResult(output_dir, encoder, metrics, tracking and tracking["run_id"], tracking and tracking["uri"])
+    return PretrainResult(output_dir, encoder, metrics, tracking and tracking["run_id"], tracking and tracking["uri"],
+                          len(studies))

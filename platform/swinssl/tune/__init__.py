@@ -1,0 +1,1 @@
+"""Studies: Ray Tune sweeps over pretraining settings, each trial pretrained then fine-tuned; reports."""

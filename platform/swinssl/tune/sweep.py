@@ -1,0 +1,214 @@
+"""Driver of `swinssl sweep`: expand the search into trials, open the sweep's MLflow run, run the trials with Ray
+Tune (a function trainable per trial, see trial.py), reconcile their outcome with MLflow, write the report.
+
+Outputs under `output_dir`: `config.yaml` (resolved), `trials.json` (the trial list: a resume must match it),
+`mlflow_run.json` (the sweep run), `tune/` (Tune's experiment: `--resume` restores it), `trials/<key>/` (one
+trial, see trial.py), `summary.json` (status per trial), `report/` (see report.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from ..config import ConfigError, SweepConfig, save_config
+from ..data.studies import check_roi_fits, select_studies
+from .space import TrialSpec, expand_trials
+from .trial import FAIL_ENV, run_trial, stage_configs
+
+EXIT_TRIALS_FAILED = 3
+
+
+@dataclass
+class SweepResult:
+    output_dir: Path
+    trials: list[dict]
+    """{key, name, status: FINISHED | FAILED | KILLED, error} per trial, in trial order."""
+    run_id: str | None
+    tracking_uri: str | None
+    report: str
+    """The Markdown report ('' without MLflow)."""
+
+    @property
+    def failed(self) -> list[str]:
+        return [t["name"] for t in self.trials if t["status"] != "FINISHED"]
+
+
+def resolve_stage_paths(cfg: SweepConfig, config_path: str | Path | None) -> SweepConfig:
+    """`pretrain:`/`finetune:` are relative to the sweep YAML (then the cwd); store them absolute."""
+    def locate(name: str) -> str:
+        candidates = [Path(config_path).resolve().parent / name] if config_path else []
+        for path in [*candidates, Path(name).resolve()]:
+            if path.exists():
+                return str(path)
+        raise ConfigError(f"stage config {name!r} not found next to {config_path} or in the working directory")
+
+    return replace(cfg, pretrain=locate(cfg.pretrain), finetune=locate(cfg.finetune))
+
+
+def _validate(cfg: SweepConfig, specs: list[TrialSpec], sweep_dir: Path) -> dict:
+    """Build every trial's configs and check its data now, so a bad value fails before any trial is launched;
+    returns the resources one trial holds at a time."""
+    from ..train.finetune import make_folds
+
+    if not cfg.output_dir or not cfg.data.root:
+        raise ConfigError("output_dir and data.root are required")
+    ctx = {"uri": "", "experiment": cfg.tracking.experiment}
+    need = {"CPU": 0.0, "GPU": 0.0}
+    for spec in specs:
+        pretrain_cfg, finetune_cfg = stage_configs(spec, cfg, sweep_dir / "trials" / spec.key, ctx)
+        for stage in filter(None, (pretrain_cfg, finetune_cfg)):
+            need["CPU"] = max(need["CPU"], stage.trainer.num_workers * stage.trainer.cpus_per_worker
+                              + stage.data.read_cpus)
+            need["GPU"] = max(need["GPU"], stage.trainer.num_workers if stage.trainer.use_gpu else 0)
+        if pretrain_cfg is not None:
+            try:
+                studies = select_studies(cfg.data.root, pretrain_cfg.data.cohort, pretrain_cfg.data.subset)
+                check_roi_fits(studies, pretrain_cfg.data.roi)
+            except ValueError as exc:
+                raise type(exc)(f"trial {spec.name!r}: {exc}") from None
+    make_folds(finetune_cfg, select_studies(cfg.data.root, "labeled", "all"))
+    return need
+
+
+def max_concurrent_trials(cfg: SweepConfig, need: dict) -> int:
+    """`max_concurrent_trials` from the config, else what the cluster's CPUs and GPUs hold (at least 1)."""
+    if cfg.max_concurrent_trials > 0:
+        return cfg.max_concurrent_trials
+    import ray
+
+    have = ray.cluster_resources()
+    fits = [math.floor(have.get(kind, 0) / amount) for kind, amount in need.items() if amount > 0]
+    return max(1, min(fits, default=1))
+
+
+def _scheduler(cfg: SweepConfig, specs: list[TrialSpec], sweep_dir: Path):
+    if not cfg.scheduler.asha:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    max_samples = cfg.scheduler.max_samples
+    if not max_samples:
+        first = next(s for s in specs if s.init == "pretrained")
+        pre = stage_configs(first, cfg, sweep_dir, {"uri": "", "experiment": ""})[0]
+        max_samples = (pre.trainer.steps * pre.data.batch_size * pre.trainer.num_workers * pre.trainer.grad_accum)
+    return ASHAScheduler(time_attr="samples_seen", metric=cfg.scheduler.metric, mode="min", max_t=max_samples,
+                         grace_period=cfg.scheduler.grace_samples, reduction_factor=cfg.scheduler.reduction_factor)
+
+
+def _tuner(cfg: SweepConfig, specs: list[TrialSpec], ctx: dict, sweep_dir: Path, need: dict):
+    from ray import tune
+
+    resources = {"CPU": 0.1}  # the trial function only drives; its TorchTrainer asks for the workers itself
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+    # A resume builds a fresh Tuner over the same trial list rather than `Tuner.restore`: finished trials return at
+    # once from their result.json, and the concurrency limit (which restore does not re-apply) still holds: more
+    # trials than the CPUs allow would starve their own Ray Data tasks.
+    return tune.Tuner(
+        trainable, param_space={"trial": tune.grid_search([asdict(s) for s in specs])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials(cfg, need),
+                                    scheduler=_scheduler(cfg, specs, sweep_dir), reuse_actors=False),
+        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _check_trial_list(specs: list[TrialSpec], sweep_dir: Path, resume: bool) -> None:
+    listed = sweep_dir / "trials.json"
+    if listed.exists() and not resume:
+        raise ConfigError(f"{sweep_dir} already holds a sweep: run `swinssl sweep --resume` with the same config "
+                          f"to continue it, or choose another output_dir")
+    if resume and not listed.exists():
+        raise ConfigError(f"--resume: {sweep_dir} holds no sweep (no trials.json)")
+    if resume and [t["key"] for t in json.loads(listed.read_text())] != [s.key for s in specs]:
+        raise ConfigError(f"--resume: the search in this config differs from the one started in {sweep_dir}")
+
+
+def _last_line(error: BaseException) -> str:
+    """The root cause of a Ray-wrapped error: the last line of its message (the first is Ray's actor banner)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _reconcile(specs: list[TrialSpec], grid, sweep_dir: Path, ctx: dict) -> list[dict]:
+    """Status per trial from the files it left and Tune's result; MLflow runs of trials that died without
+    closing their run (killed actor, early stop) are closed here."""
+    from ..tracking import mlflow_run
+
+    errors = {r.config["trial"]["key"]: r.error for r in grid if r.config and "trial" in r.config}
+    trials = []
+    for spec in specs:
+        trial_dir = sweep_dir / "trials" / spec.key
+        if (trial_dir / "result.json").exists():
+            status, error = "FINISHED", ""
+        elif (trial_dir / "stopped.json").exists():
+            status, error = "KILLED", "stopped early by the scheduler"
+        elif errors.get(spec.key) is not None:
+            status, error = "FAILED", _last_line(errors[spec.key])
+        else:
+            status, error = "KILLED", "stopped early by the scheduler" if ctx["asha"] else "not run"
+        if status == "KILLED" and ctx["asha"]:
+            _write_json(trial_dir / "stopped.json", {"reason": error})  # a resume keeps the scheduler's decision
+        record = trial_dir / mlflow_run.RUN_FILE
+        if ctx["uri"] and record.exists() and status != "FINISHED":
+            run_id = json.loads(record.read_text())["run_id"]
+            if status == "KILLED":
+                mlflow_run.set_tags(ctx["uri"], run_id, {"error": error})
+            mlflow_run.finish_run(ctx["uri"], run_id, status)
+        trials.append({"key": spec.key, "name": spec.name, "status": status, "error": error})
+    _write_json(sweep_dir / "summary.json", trials)
+    return trials
+
+
+def _open_parent(cfg: SweepConfig, sweep_dir: Path, specs: list[TrialSpec]) -> tuple[str | None, str | None]:
+    if not cfg.tracking.enabled:
+        return None, None
+    from ..tracking.mlflow_run import log_artifact, open_run, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking, sweep_dir)
+    params = {"study": cfg.study or cfg.name, "trials": len(specs), "seeds": cfg.seeds,
+              "scratch_baseline": cfg.scratch_baseline, "pretrain_config": cfg.pretrain,
+              "finetune_config": cfg.finetune, **{f"grid.{k}": v for k, v in cfg.search.grid.items()},
+              **{f"sample.{k}": asdict(v) for k, v in cfg.search.sample.items()}}
+    run_id = open_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name, sweep_dir, params,
+                      tags={"study": cfg.study or cfg.name, "swinssl.kind": "sweep"})
+    log_artifact(uri, run_id, sweep_dir / "config.yaml")
+    log_artifact(uri, run_id, sweep_dir / "trials.json")
+    return uri, run_id
+
+
+def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
+    """Run (or `resume`) a sweep end to end; see the module docstring for the outputs."""
+    from petct.raylocal import ensure_ray
+
+    sweep_dir = Path(cfg.output_dir or ".").resolve()
+    specs = expand_trials(cfg)
+    _check_trial_list(specs, sweep_dir, resume)
+    need = _validate(cfg, specs, sweep_dir)
+    save_config(cfg, sweep_dir / "config.yaml")
+    _write_json(sweep_dir / "trials.json", [asdict(s) for s in specs])
+    uri, run_id = _open_parent(cfg, sweep_dir, specs)
+    ensure_ray(min_cpus=need["CPU"] + 1)
+    ctx = {"sweep": asdict(cfg), "sweep_dir": str(sweep_dir), "uri": uri or "", "experiment": cfg.tracking.experiment,
+           "study": cfg.study or cfg.name, "sweep_name": cfg.name, "parent_run_id": run_id,
+           "fail_trial": os.environ.get(FAIL_ENV, ""), "asha": cfg.scheduler.asha}
+    grid = _tuner(cfg, specs, ctx, sweep_dir, need).fit()
+    trials = _reconcile(specs, grid, sweep_dir, ctx)
+    report = ""
+    if uri:
+        from ..tracking.mlflow_run import finish_run, set_tags
+        from .report import sweep_report
+
+        report = sweep_report(uri, run_id, sweep_dir / "report").markdown
+        failed = sum(t["status"] != "FINISHED" for t in trials)
+        set_tags(uri, run_id, {"swinssl.trials_failed": failed, "swinssl.trials": len(trials)})
+        finish_run(uri, run_id)
+    return SweepResult(sweep_dir, trials, run_id, uri, report)
