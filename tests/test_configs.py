@@ -7,10 +7,23 @@ from pathlib import Path
 
 import pytest
 
-from swinssl.config import ConfigError, FinetuneConfig, PretrainConfig, flatten, from_dict, load_config, save_config
+from swinssl.config import (
+    ConfigError,
+    FinetuneConfig,
+    PretrainConfig,
+    SweepConfig,
+    flatten,
+    from_dict,
+    load_config,
+    save_config,
+)
+from swinssl.tune.space import expand_trials
+from swinssl.tune.sweep import resolve_stage_paths
+from swinssl.tune.trial import stage_configs
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-SCHEMAS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+SCHEMAS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "dataset_size": SweepConfig,
+           "loss_weights": SweepConfig}
 
 
 def _schema(path: Path):
@@ -23,6 +36,21 @@ def test_every_experiment_loads(path, tmp_path):
     assert isinstance(cfg, _schema(path))
     saved = save_config(cfg, tmp_path / "resolved.yaml")  # the resolved config round-trips
     assert load_config(saved, (), _schema(path)) == cfg
+
+
+@pytest.mark.parametrize("path", sorted(p for p in EXPERIMENTS.glob("*.yaml") if _schema(p) is SweepConfig),
+                         ids=lambda p: p.name)
+def test_every_sweep_trial_gets_valid_stage_configs(path, tmp_path):
+    """Each trial's values are real keys of the stage configs (a typo in a search key fails here, not on a cluster)."""
+    cfg = resolve_stage_paths(load_config(path, (), SweepConfig), path)
+    specs = expand_trials(cfg)
+    assert specs and sum(s.init == "scratch" for s in specs) == len(cfg.seeds)
+    for spec in specs:
+        pretrain, finetune = stage_configs(spec, cfg, tmp_path / spec.key, {"uri": "", "experiment": "x"})
+        if pretrain is not None:
+            assert {k: flatten(pretrain)[k] for k in spec.pretrain_overrides()} == {
+                k: type(flatten(pretrain)[k])(v) for k, v in spec.pretrain_overrides().items()}
+        assert finetune.trainer.seed == spec.seed
 
 
 def test_tiny_is_a_small_diff_of_the_default():
