@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/step.py --roi 64 --steps 8 --warmup 2
 	$(BIN)/python benchmarks/infer.py
+	$(BIN)/python benchmarks/scaling.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
