@@ -119,11 +119,23 @@ class MetricBuffer:
     def __init__(self, uri: str, run_id: str, prefix: str = ""):
         self.uri, self.run_id, self.prefix = uri, run_id, prefix
         self.pending: list = []
+        self.logged_through = -1  # nothing skipped: step 0 is a real step for summary metrics
+
+    def resume_after(self, key: str) -> int:
+        """Skip steps the run already holds for `key`. A checkpoint can be on storage, and its steps flushed, before
+        Ray Train's controller registers it; a run stopped in that window restarts from the previous checkpoint and
+        would otherwise log the redone steps twice."""
+        history = _client(self.uri).get_metric_history(self.run_id, self.prefix + key)
+        self.logged_through = max((m.step for m in history), default=-1)
+        return self.logged_through
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         import time
 
         from mlflow.entities import Metric
+
+        if step <= self.logged_through:
+            return
 
         now = int(time.time() * 1000)
         self.pending += [Metric(self.prefix + k, float(v), now, step) for k, v in metrics.items()]

@@ -31,6 +31,7 @@ class RayHooks(loop.Hooks):
             from ..tracking.mlflow_run import MetricBuffer
 
             self.buffer = MetricBuffer(tracking["uri"], tracking["run_id"])
+            self.buffer.resume_after("loss")  # every task logs `loss`
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
