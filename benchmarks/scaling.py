@@ -70,23 +70,6 @@ def start_cluster():
     return cluster
 
 
-def place_one_worker_per_node() -> None:
-    """Each Train worker also asks for one `train_node`. launch.py has no field for extra resources yet, so wrap its
-    ScalingConfig factory (a `trainer.resources_per_worker` config field would replace this)."""
-    from ray.train import ScalingConfig
-
-    from swinssl.train import launch
-
-    plain = launch.scaling_config
-
-    def spread(cfg) -> ScalingConfig:
-        base = plain(cfg)
-        return ScalingConfig(num_workers=base.num_workers, use_gpu=base.use_gpu,
-                             resources_per_worker={**base.resources_per_worker, SLOT: 1})
-
-    launch.scaling_config = spread
-
-
 def tiny_config(prepared: Path, out: Path, workers: int, args: argparse.Namespace):
     from swinssl.config import load_config
 
@@ -94,7 +77,8 @@ def tiny_config(prepared: Path, out: Path, workers: int, args: argparse.Namespac
     return load_config(TINY, [
         f"data.root={prepared}", f"output_dir={out}", f"data.roi={roi}", f"model.feature_size={args.feature_size}",
         f"data.batch_size={args.batch}", f"trainer.steps={args.steps}", f"trainer.num_workers={workers}",
-        "trainer.cpus_per_worker=1", f"trainer.checkpoint_every={args.steps}", "trainer.log_every=1",
+        "trainer.cpus_per_worker=1", f"trainer.resources_per_worker={{{SLOT}: 1}}",
+        f"trainer.checkpoint_every={args.steps}", "trainer.log_every=1",
         f"tracking.tracking_uri=sqlite:///{out}.db"])
 
 
@@ -334,7 +318,6 @@ def run_measured(args: argparse.Namespace, out: Path) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     cluster = start_cluster()
     try:
-        place_one_worker_per_node()
         prepared = prepared_cohort(args.prepared, out)
         with tempfile.TemporaryDirectory(dir=out) as runs:
             return measured_scaling(prepared, Path(runs), args)

@@ -139,37 +139,6 @@ def start_cluster():
     return cluster, workers
 
 
-def place_one_worker_per_node() -> None:
-    """Each Train worker also asks for one `train_node`. launch.py has no config field for extra resources, so the
-    scenario wraps its ScalingConfig factory (see the report of issue #6 for the field that would replace this)."""
-    from ray.train import ScalingConfig
-
-    from swinssl.train import launch
-
-    plain = launch.scaling_config
-
-    def spread(cfg) -> ScalingConfig:
-        base = plain(cfg)
-        return ScalingConfig(num_workers=base.num_workers, use_gpu=base.use_gpu,
-                             resources_per_worker={**base.resources_per_worker, SLOT: 1})
-
-    launch.scaling_config = spread
-
-
-def record_reports(events: Path) -> None:
-    """Attach StepRecorder to the trainer launch.py builds (RunConfig reads its callbacks list at fit time)."""
-    from swinssl.train import launch
-
-    plain = launch.build_trainer
-
-    def build(*args, **kwargs):
-        trainer = plain(*args, **kwargs)
-        trainer.run_config.callbacks.append(StepRecorder(str(events)))
-        return trainer
-
-    launch.build_trainer = build
-
-
 def prepared_cohort(arg: str, out: Path) -> Path:
     if arg:
         return Path(arg).resolve()
@@ -188,19 +157,18 @@ def run_scenario(args: argparse.Namespace, out: Path, cluster, first_nodes: list
     from swinssl.train.worker import CHAOS_ENV
 
     events = out / "events.jsonl"
-    place_one_worker_per_node()
-    record_reports(events)
     cfg = load_config(TINY, [
         f"data.root={prepared_cohort(args.prepared, out)}", f"output_dir={out / 'run'}", "name=multinode",
         f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}", f"trainer.steps={args.steps}",
         f"data.batch_size={args.batch}",
-        f"trainer.checkpoint_every={args.checkpoint_every}", "trainer.max_failures=3"])
+        f"trainer.checkpoint_every={args.checkpoint_every}", "trainer.max_failures=3",
+        f"trainer.resources_per_worker={{{SLOT}: 1}}"])  # one Train worker per worker node
     if args.kill_step:
         os.environ[CHAOS_ENV] = str(args.kill_step)
     injector = FaultInjector(cluster, events, args.remove_step, args.replace_delay)
     started = time.time()
     outcome: dict = {}
-    training = threading.Thread(target=_train, args=(pretrain, cfg, outcome), daemon=True)
+    training = threading.Thread(target=_train, args=(pretrain, cfg, events, outcome), daemon=True)
     training.start()
     while training.is_alive():
         if time.time() - started > args.deadline:  # fail with a clean cluster shutdown rather than hang a test
@@ -213,9 +181,9 @@ def run_scenario(args: argparse.Namespace, out: Path, cluster, first_nodes: list
     return summarise(args, out, cluster, first_nodes, injector, outcome["result"], time.time() - started)
 
 
-def _train(pretrain, cfg, outcome: dict) -> None:
+def _train(pretrain, cfg, events: Path, outcome: dict) -> None:
     try:
-        outcome["result"] = pretrain(cfg)
+        outcome["result"] = pretrain(cfg, callbacks=[StepRecorder(str(events))])
     except BaseException as exc:  # handed to the main thread, which re-raises it
         outcome["error"] = exc
 

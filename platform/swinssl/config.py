@@ -114,6 +114,8 @@ class TrainerConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each Train worker asks for, e.g. {train_node: 1} to place one worker per node."""
     amp: str = "bf16"
     """'bf16', 'fp16' or 'none'; only used on GPU."""
     grad_accum: int = 1

@@ -64,7 +64,8 @@ def scaling_config(cfg):
 
     return ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
                          resources_per_worker={"CPU": cfg.trainer.cpus_per_worker,
-                                               **({"GPU": 1} if cfg.trainer.use_gpu else {})})
+                                               **({"GPU": 1} if cfg.trainer.use_gpu else {}),
+                                               **cfg.trainer.resources_per_worker})
 
 
 def build_trainer(cfg: PretrainConfig, studies: list, output_dir: Path, tracking: dict | None,

@@ -70,12 +70,12 @@ def _pretrain(cfg: PretrainConfig, run_id: str | None, ctx: dict) -> tuple[dict,
     from ..train.launch import pretrain
 
     result = pretrain(cfg, parent_run_id=run_id, callbacks=[TuneReportCallback()])
-    losses = {k: v for k, v in result.metrics.items() if k.startswith("loss")}
+    final = {k: v for k, v in result.metrics.items() if k.startswith("loss") or k == "samples_seen"}
     if run_id:
         buffer = mlflow_run.MetricBuffer(ctx["uri"], run_id, prefix="pretrain/")
-        buffer.log({**losses, "samples_seen": result.metrics.get("samples_seen", 0)}, step=0)
+        buffer.log(final, step=0)
         buffer.flush()
-    return {**losses, "samples_seen": result.metrics.get("samples_seen", 0)}, result.num_studies
+    return final, result.num_studies
 
 
 def _execute(spec: TrialSpec, sweep: SweepConfig, trial_dir: Path, run_id: str | None, ctx: dict) -> dict:
