@@ -1,4 +1,10 @@
-"""Shared fixtures: one Ray instance per test session, one small synthetic cohort prepared once."""
+"""Shared fixtures: one Ray instance per test session, one small synthetic cohort prepared once.
+
+`make test-fast` runs `pytest -m "not ray"` with SWINSSL_TEST_FAST=1: every test that needs Ray (it asks for
+`ray_session` directly or through `prepared`, or is marked `e2e` / `ray`) is deselected, and `ray.init` itself is
+replaced by an error, so a test that would start Ray behind the marker's back fails instead of silently slowing the
+fast loop down.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,32 @@ import pytest
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+FAST = os.environ.get("SWINSSL_TEST_FAST") == "1"
+RAY_FIXTURES = {"ray_session", "prepared"}
+"""Fixtures that start Ray; a test using any of them is marked `ray` (kept out of `make test-fast`)."""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if RAY_FIXTURES & set(item.fixturenames) or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.ray)
+
+
+def pytest_sessionstart(session) -> None:
+    if not FAST:
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("ray.init() called in `make test-fast`: mark the test `ray` or use the ray_session fixture")
+
+    ray.init = refuse
+
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """`ray.init(num_cpus=4)` once: 2 cores, but logical CPUs may exceed them (REFERENCE.md §5)."""
+    """`ray.init(num_cpus=4)` once: 2 cores, but logical CPUs may exceed them (Ray schedules by logical CPUs;
+    training workers plus their data tasks would deadlock on 2)."""
     import ray
 
     if not ray.is_initialized():

@@ -288,7 +288,20 @@ class SweepConfig:
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+    """A config file, override or value that does not fit the schema; `problems` lists every one found."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
+
+
+def validate(cfg: Any, extra: list[str] | tuple[str, ...] = ()) -> None:
+    """One validation pass over a resolved config: collect every problem (enumerations, ranges, cross-field rules)
+    plus the caller's `extra` problems (e.g. data-dependent ones found by a driver), then raise one ConfigError
+    listing them all. Returns None when there is nothing to report."""
+    problems = list(extra)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems), problems)
 
 
 def _valid_keys(schema: type, prefix: str = "") -> list[str]:
