@@ -154,6 +154,7 @@ PSMA = LabelSet(
 # The synthetic phantom paints these classes; they are the PSMA set's and nothing downstream reads them.
 CLASSES: tuple[str, ...] = PSMA.names
 LESION: int = PSMA.lesion  # type: ignore[assignment]
+NUM_CLASSES: int = PSMA.num_classes
 
 
 def write_label_set(labels: LabelSet, root: str | Path) -> Path:
