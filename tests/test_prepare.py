@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from petct.export import export_study, manifest_records
 from petct.io import same_grid
+from petct.labels import LABELS_FILE, PSMA
 from petct.registration import transform_matrix
 from petct.shards import read_shard
 from petct.synth import load_motion
@@ -68,11 +69,14 @@ def test_outputs_keep_pet_geometry_and_order(cohort, prepared, ray_session):
         if study.label is not None:
             label = sitk.GetArrayFromImage(sitk.ReadImage(str(cohort.parent / row["label"])))
             np.testing.assert_array_equal(study.label, label)
+            counts = np.bincount(label.ravel(), minlength=PSMA.num_classes)
+            assert record["label_voxels"] == {PSMA.name(v): int(n) for v, n in enumerate(counts) if n}
         assert (out / record["qc_png"]).stat().st_size > 10_000
         assert set(record["source_hashes"]) == {"ct", "pet", "label"} and record["source_hashes"]["pet"]
     for name in ("summary.csv", "summary.md", "registration.png"):
         assert (out / "qc" / name).exists()
     assert json.loads((out / "prepare_config.json").read_text())["ct_window"] == {"lo": -1000.0, "hi": 1000.0}
+    assert json.loads((out / LABELS_FILE).read_text()) == PSMA.to_dict()  # the default label set, published
 
 
 def test_ray_data_reads_the_shards(prepared, ray_session):

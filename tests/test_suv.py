@@ -1,4 +1,7 @@
-"""SUV maths and tag rules (REFERENCE.md §4) on header-only datasets; the DICOM file path is in test_prepare_dicom."""
+"""SUVbw maths and tag rules on header-only datasets (whole DICOM series: test_synth, test_prepare_bad_input).
+
+SUV = activity[Bq/mL] * weight[kg] * 1000 / (dose[Bq] * 2^(-dt/half_life)), dt = scan start - injection; every input
+from a tag, a missing one is an error (see petct/suv.py)."""
 
 from __future__ import annotations
 

@@ -175,7 +175,7 @@ def test_dicom_pet_gives_back_the_phantom_suv(dicom_pair):
     assert injected == _when(first.SeriesDate, radio.RadiopharmaceuticalStartTime)
     assert 50 * 60 <= (start - injected).total_seconds() <= 70 * 60
     decay = 2 ** (-(start - injected).total_seconds() / float(radio.RadionuclideHalfLife))
-    factor = float(first.PatientWeight) * 1000 / (float(radio.RadionuclideTotalDose) * decay)  # REFERENCE.md §4
+    factor = float(first.PatientWeight) * 1000 / (float(radio.RadionuclideTotalDose) * decay)  # SUVbw, see suv.py
     truth = json.loads((dicom / "suv_truth.json").read_text())
     assert factor == pytest.approx(1 / truth["bqml_per_suv"], rel=1e-12)
     suv = np.stack([s.pixel_array * float(s.RescaleSlope) + float(s.RescaleIntercept) for s in slices]) * factor

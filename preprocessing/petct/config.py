@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .labels import PSMA, LabelSet
+
 
 @dataclass(frozen=True)
 class Window:
     """Intensity window: values are clipped to [lo, hi] then mapped linearly to [0, 1]."""
 
     lo: float
+    """Value mapped to 0 (and everything below it)."""
     hi: float
+    """Value mapped to 1 (and everything above it)."""
 
     def __post_init__(self):
         if not self.hi > self.lo:
@@ -25,23 +29,37 @@ class Window:
 
 @dataclass(frozen=True)
 class RegistrationConfig:
-    """Rigid CT->PET registration (REFERENCE.md §4) and its plausibility guard."""
+    """Rigid CT->PET registration and its plausibility guard.
+
+    PET is fixed and CT moving; Euler3D transform, Mattes mutual information, a shrink/smooth pyramid and
+    physical-shift optimiser scales, started at identity in world coordinates (CT and PET share the scanner frame;
+    centring the volumes would shift CTs whose scan range differs). The result is kept only when the metric
+    improved and the motion is plausible (`max_rotation_deg`, `max_translation_mm`); otherwise the study falls back
+    to identity and its record says so.
+    """
 
     enabled: bool = True
+    """False: resample with the identity transform (scanner frame), `swinssl prepare --no-registration`."""
     histogram_bins: int = 50
+    """Bins of the Mattes mutual-information joint histogram."""
     metric_samples: int = 50_000
     """PET voxels the metric samples per level (regular grid, jittered, fixed seed): enough for a 50-bin joint
     histogram, and the cost no longer grows with the PET grid."""
     shrink_factors: tuple[int, ...] = (4, 2)
+    """Downsampling factor of each pyramid level (coarse to fine)."""
     smoothing_sigmas_mm: tuple[float, ...] = (8.0, 0.0)
     """Pyramid: 16 mm then 8 mm voxels. A third level at full PET resolution cost +40% time for no TRE gain on
     the synthetic cohort (0.2-0.5 mm either way)."""
     iterations: int = 200
+    """Most optimiser iterations per pyramid level (regular-step gradient descent)."""
     learning_rate: float = 2.0
     """Largest step in mm at the first iteration (physical-shift scales make this a distance)."""
     max_rotation_deg: float = 10.0
+    """Plausibility guard: a found rotation above this falls back to identity."""
     max_translation_mm: float = 40.0
+    """Plausibility guard: a found translation above this falls back to identity (patients move millimetres)."""
     seed: int = 7
+    """Seed of the metric's sample positions: the same inputs register to the same transform."""
 
 
 @dataclass(frozen=True)
@@ -55,9 +73,15 @@ class PrepareConfig:
     ct_fill_hu: float = -1000.0
     """Value outside the CT field of view after resampling: air, not water."""
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+    """Rigid CT->PET registration settings."""
     itk_threads: int = 1
     """ITK threads per study task; Ray runs one study per CPU, so more threads only oversubscribe."""
     qc_png: bool = True
+    """Write a QC PNG per study (CT/PET fusion before and after registration); output-neutral, not in the digest."""
+    labels: LabelSet = PSMA
+    """Classes of the label volumes (`swinssl prepare --labels FILE`): a label value outside the set fails its study;
+    written as `labels.json`. Default: the 12-class PSMA set."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain-JSON form (`prepare_config.json`); the label set in `labels.json`'s form."""
+        return {**asdict(self), "labels": self.labels.to_dict()}

@@ -2,8 +2,9 @@
 
 CT: one file per slice, int16 stored = HU + 1024 (RescaleIntercept -1024, slope 1).
 PET: one file per slice, uint16 with its own RescaleSlope (max-scaled per slice), Bq/mL, decay corrected to the
-scan start, with every tag SUVbw needs (REFERENCE.md §4). Files are numbered from the head down (file 0 and
-InstanceNumber 1 = most superior slice), as head-first scanners number them; readers must sort by position.
+scan start, with every tag SUVbw needs (weight, dose, injection and series times, half-life; see suv.py). Files
+are numbered from the head down (file 0 and InstanceNumber 1 = most superior slice), as head-first scanners number
+them; readers must sort by position.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ KINDS = (
     "non_finite",  # NaN / inf voxels
     "no_overlap",  # CT and PET fields of view do not intersect
     "label_grid",  # label geometry differs from the PET grid
-    "label_values",  # label values outside 0..11
+    "label_values",  # a label value that is not in the label set (`prepare --labels`, default the 12 PSMA classes)
     "duplicate_id",  # two input rows share a study id
     "bad_id",  # a study id that cannot name a file (allowed: letters, digits, '.', '_', '-')
     "internal",  # anything unexpected (a bug, not bad input): message carries the traceback summary

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
 from .errors import StudyError
-from .labels import NUM_CLASSES
+from .labels import LabelSet
 from .suv import SuvTagError, suv_factor
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
@@ -178,19 +178,25 @@ def describe_grid(image: sitk.Image) -> str:
     return f"size {image.GetSize()} spacing ({spacing}) origin ({origin})"
 
 
-def read_label(study_id: str, path: Path | str | None, pet: sitk.Image) -> sitk.Image:
-    """Label map on the PET grid, uint8 with values 0..11; any other grid or value is an error."""
+def read_label(study_id: str, path: Path | str | None, pet: sitk.Image, labels: LabelSet) -> sitk.Image:
+    """Label map on the PET grid, uint8 holding only values of `labels`; any other grid or value is an error."""
     path = _check_exists(study_id, path, "label")
     image = _read_file(study_id, path, sitk.sitkFloat32, "label")
     if not same_grid(image, pet):
         raise StudyError(study_id, "label_grid", f"label grid {describe_grid(image)} differs from the PET grid "
                          f"{describe_grid(pet)}; labels must be drawn on the PET grid")
     values = sitk.GetArrayViewFromImage(image)
-    if not np.isfinite(values).all() or values.min() < 0 or values.max() >= NUM_CLASSES or (values % 1).any():
-        found = np.unique(values[np.isfinite(values)])
-        bad = [float(v) for v in found if v < 0 or v >= NUM_CLASSES or v % 1][:10]
-        raise StudyError(study_id, "label_values", f"label values must be integers 0..{NUM_CLASSES - 1}; found {bad}")
+    outside = ~np.isin(values, np.arange(labels.num_classes, dtype=values.dtype))  # NaN, fractions, out of range
+    if outside.any():
+        raise StudyError(study_id, "label_values", f"{path.name}: label values {_listed(np.unique(values[outside]))} "
+                         f"are not in the label set {labels.describe()}")
     return sitk.Cast(image, sitk.sitkUInt8)
+
+
+def _listed(values: np.ndarray, most: int = 10) -> str:
+    """`[2, 5, 0.5]`: whole numbers without '.0', and '... (N values)' past `most`."""
+    shown = [int(v) if np.isfinite(v) and v % 1 == 0 else float(v) for v in values[:most]]
+    return str(shown) if len(values) <= most else f"{str(shown)[:-1]}, ... ({len(values)} values)]"
 
 
 def hash_source(path: Path | str | None) -> str:

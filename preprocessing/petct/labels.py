@@ -37,6 +37,7 @@ class LabelSet:
     """Class names by label value (index = value, 0 = background) and the optional lesion class."""
 
     names: tuple[str, ...]
+    """Class name of each label value: `names[v]` is the class of value v; `names[0]` is the background."""
     lesion: int | None = None
     """Label value of the lesion class, or None when the set has none (lesion metrics are then not computed)."""
 
@@ -76,6 +77,10 @@ class LabelSet:
             raise LabelSetError(f"no class named {name!r}; classes: {list(self.names)}")
         return self.names.index(name)
 
+    def describe(self) -> str:
+        """`{0: background, 1: lesion}`: the label set as error messages show it."""
+        return "{" + ", ".join(f"{v}: {n}" for v, n in enumerate(self.names)) + "}"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form (string keys, as `labels.json` holds it); `from_dict` reads it back."""
         return {"classes": {str(v): n for v, n in enumerate(self.names)}, "lesion": self.lesion_name}
@@ -92,10 +97,7 @@ class LabelSet:
             raise LabelSetError(f"{source}: unknown keys {extra}; valid: classes, lesion")
         if not isinstance(classes, Mapping) or not classes:
             raise LabelSetError(f"{source}: 'classes' must be a non-empty mapping of label value -> class name")
-        try:
-            values = {int(k): str(v) for k, v in classes.items()}
-        except (TypeError, ValueError):
-            raise LabelSetError(f"{source}: label values must be integers, got {sorted(map(str, classes))}") from None
+        values = _class_names(classes, source)
         if sorted(values) != list(range(len(values))):
             raise LabelSetError(f"{source}: label values must be 0..{len(values) - 1} without gaps (0 = background),"
                                 f" got {sorted(values)}")
@@ -132,6 +134,24 @@ class LabelSet:
         return cls.from_dict(data, str(path))
 
 
+def _class_names(classes: Mapping, source: str) -> dict[int, str]:
+    """{value: name} from a YAML/JSON mapping (keys may be strings: JSON has no integer keys); every bad entry named."""
+    values, problems = {}, []
+    for key, name in classes.items():
+        text = str(key).strip()
+        if isinstance(key, bool) or not (isinstance(key, int) or text.lstrip("-").isdigit()):
+            problems.append(f"label value {key!r} is not an integer")
+        elif not isinstance(name, str) or not name.strip():
+            problems.append(f"label value {key}: class name must be a non-empty string, got {name!r}")
+        elif int(text) in values:
+            problems.append(f"label value {int(text)} is given twice")
+        else:
+            values[int(text)] = name.strip()
+    if problems:
+        raise LabelSetError(f"{source}: " + "; ".join(problems))
+    return values
+
+
 PSMA = LabelSet(
     names=(
         "background",
@@ -151,7 +171,8 @@ PSMA = LabelSet(
 )
 """The default: 12 classes of PSMA PET/CT (11 organs of physiological PSMA-ligand uptake + lesions)."""
 
-# The synthetic phantom paints these classes; they are the PSMA set's and nothing downstream reads them.
+# The synthetic phantom paints these classes (the PSMA set's); nothing else may read them: every other stage takes
+# its classes from a prepared folder's labels.json or a run's config.
 CLASSES: tuple[str, ...] = PSMA.names
 LESION: int = PSMA.lesion  # type: ignore[assignment]
 NUM_CLASSES: int = PSMA.num_classes
@@ -159,11 +180,11 @@ NUM_CLASSES: int = PSMA.num_classes
 
 def write_label_set(labels: LabelSet, root: str | Path) -> Path:
     """`labels.json` in a prepared folder (atomic)."""
-    from .shards import atomic_write_bytes
+    from .shards import atomic_write_json
 
-    root = Path(root)
-    atomic_write_bytes(root / LABELS_FILE, json.dumps(labels.to_dict(), indent=1).encode(), root)
-    return root / LABELS_FILE
+    path = Path(root) / LABELS_FILE
+    atomic_write_json(path, labels.to_dict())
+    return path
 
 
 def read_label_set(root: str | Path) -> LabelSet:

@@ -269,7 +269,9 @@ def sample_body(rng: np.random.Generator, body_scale: float, min_semi: float) ->
 
 
 def _materials(rng: np.random.Generator) -> list[Material]:
-    """Per-study CT numbers and PSMA SUVs (REFERENCE.md §4)."""
+    """Per-study CT numbers and PSMA SUVs, drawn around typical values: HU air -1000, lung ~-850, fat ~-100, soft
+    tissue ~40, liver ~55, bone 300-1000; SUVbw of PSMA ligands: kidneys ~40, parotid/submandibular ~13-15, liver
+    ~5-8, spleen ~6-10, bladder very high, blood ~1.5-2, muscle 0.5-1 (lesions: see `_lesions`)."""
     from .labels import CLASSES
 
     u = rng.uniform

@@ -3,7 +3,8 @@
 Input: a cohort CSV (`study_id,ct,pet,label,cohort`, paths relative to the CSV) or a folder of study folders
 (each with `ct.nii.gz`|`ct/`, `pet.nii.gz`|`pet/`, optional `label.nii.gz`). Row order is curation order.
 Output (OUT): `shards/<id>.parquet` (see shards.py), `records/<id>.json`, `manifest.jsonl` (one row per input row,
-in input order), `qc/<id>.png`, `qc/summary.{csv,md}`, `qc/registration.png`, `prepare_config.json`.
+in input order), `qc/<id>.png`, `qc/summary.{csv,md}`, `qc/registration.png`, `prepare_config.json`, `labels.json`
+(the cohort's label set, see labels.py; also part of the settings digest).
 Resume: a study whose record says ok for the same source hashes and settings is skipped; everything else is
 (re)done. Temp files live in `OUT/.tmp` and only renames publish results.
 """
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PrepareConfig
-from .shards import atomic_write_bytes
+from .labels import write_label_set
+from .shards import atomic_write_json, atomic_write_text
 from .study import VALID_ID, OutputLayout, StudySource, run_study
 
 EXIT_OK = 0
@@ -125,8 +127,8 @@ def prepare_cohort(input_path: Path | str, out: Path | str, cfg: PrepareConfig |
     shutil.rmtree(layout.tmp, ignore_errors=True)  # leftovers of an interrupted run: never published
     sources = load_sources(input_path)
     digest = config_digest(cfg)
-    atomic_write_bytes(layout.root / "prepare_config.json",
-                       json.dumps({**cfg.to_dict(), "digest": digest}, indent=1).encode(), layout.tmp)
+    atomic_write_json(layout.root / "prepare_config.json", {**cfg.to_dict(), "digest": digest}, layout.tmp)
+    write_label_set(cfg.labels, layout.root)
     problems = _id_problems(sources)
     runnable = [s for s in sources if s.order not in problems]
     records = {o: _id_failure(next(s for s in sources if s.order == o), *p) for o, p in problems.items()}
@@ -144,7 +146,7 @@ def prepare_cohort(input_path: Path | str, out: Path | str, cfg: PrepareConfig |
 
 def _write_manifest(records: list[dict], layout: OutputLayout) -> None:
     lines = [json.dumps({k: v for k, v in r.items() if k != "skipped"}) for r in records]
-    atomic_write_bytes(layout.root / "manifest.jsonl", ("\n".join(lines) + "\n").encode(), layout.tmp)
+    atomic_write_text(layout.root / "manifest.jsonl", "\n".join(lines) + "\n", layout.tmp)
 
 
 def _bar(total: int, progress: bool):

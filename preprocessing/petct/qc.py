@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # QC runs in Ray workers and CI: never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .shards import PreparedStudy, atomic_write_bytes  # noqa: E402
+from .shards import PreparedStudy, atomic_write_bytes, atomic_write_text  # noqa: E402
 
 SUMMARY_COLUMNS = ("order", "study_id", "cohort", "status", "registration_status", "metric_before", "metric_after",
                    "rotation_deg", "translation_mm", "error_kind", "error")
@@ -75,11 +75,11 @@ def write_summary(records: list[dict], qc_dir: Path, tmp_dir: Path) -> str:
     writer = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(qc_dir / "summary.csv", text.getvalue().encode(), tmp_dir)
+    atomic_write_text(qc_dir / "summary.csv", text.getvalue(), tmp_dir)
     report = summary_text(records)
     table = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
     table += ["| " + " | ".join(row[k].replace("|", "/") for k in SUMMARY_COLUMNS) + " |" for row in rows]
-    atomic_write_bytes(qc_dir / "summary.md", (report + "\n\n" + "\n".join(table) + "\n").encode(), tmp_dir)
+    atomic_write_text(qc_dir / "summary.md", report + "\n\n" + "\n".join(table) + "\n", tmp_dir)
     _registration_plot(records, qc_dir / "registration.png", tmp_dir)
     return report
 

@@ -1,6 +1,6 @@
 """Put the CT on the PET grid: area-average (anti-alias), rigid transform, linear interpolation, air outside.
 
-Downsampling 0.97 mm CT onto a ~4 mm grid aliases unless it is low-pass filtered first (REFERENCE.md §4). We
+Downsampling 0.97 mm CT onto a ~4 mm grid aliases unless it is low-pass filtered first (Nyquist). We
 average whole blocks of CT voxels (4 x 4 x 1 for 0.97 -> 4.07 mm): an area-weighted downsample that is the PET
 voxel's own footprint, and ~10x cheaper than a Gaussian over 78 M voxels. The remaining factor (3.9 -> 4.07 mm)
 is left to linear interpolation.

@@ -12,7 +12,7 @@ One shard file per study, `OUT/shards/<study_id>.parquet`, holding one row:
 | origin      | list<float64>      | (x, y, z) mm, = PET origin                                               |
 | direction   | list<float64>      | 9 direction cosines, row-major, = PET direction                          |
 | image       | binary             | float16 little-endian, C order, (2, Z, Y, X): channel 0 CT, 1 PET, [0,1] |
-| label       | binary (nullable)  | uint8 (Z, Y, X), classes 0..11; null for unlabelled studies              |
+| label       | binary (nullable)  | uint8 (Z, Y, X), values of the cohort's `labels.json`; null: unlabelled  |
 
 Readers: `ray.data.read_parquet(OUT/shards)` or `read_shard`. Writes are atomic (temp file in `OUT/.tmp`, then
 rename), so a reader never sees a half-written shard.
@@ -20,6 +20,7 @@ rename), so a reader never sees a half-written shard.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -68,15 +69,39 @@ class PreparedStudy:
         return image
 
 
-def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path) -> None:
-    """Write then rename: the target either has the old content or the whole new content."""
+def atomic_write_bytes(path: str | Path, data: bytes, tmp_dir: str | Path | None = None) -> None:
+    """Write then rename: the target either has the old content or the whole new content, never a part.
+
+    The temp file is hidden (`.NAME.<random>.tmp`) in `tmp_dir`, by default the target's own folder: the rename is
+    only atomic within one filesystem, so a `tmp_dir` elsewhere must be on the target's filesystem. Both folders
+    are created when missing; a failed write removes its temp file.
+    """
+    path = Path(path)
+    tmp_dir = path.parent if tmp_dir is None else Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{path.name}.{uuid.uuid4().hex}"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str, tmp_dir: str | Path | None = None) -> None:
+    """`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"), tmp_dir)
+
+
+def atomic_write_json(path: str | Path, data: object, tmp_dir: str | Path | None = None,
+                      indent: int | None = 1) -> None:
+    """`atomic_write_bytes` of `data` as JSON (one trailing newline). Serialisation errors leave the target as it
+    was: the JSON is built before anything is written."""
+    atomic_write_text(path, json.dumps(data, indent=indent) + "\n", tmp_dir)
 
 
 def write_shard(path: Path, study: PreparedStudy, tmp_dir: Path) -> int:
@@ -110,7 +135,21 @@ def decode_row(row: dict) -> PreparedStudy:
 
 def read_shard(path: Path) -> PreparedStudy:
     """Read a one-study shard written by `write_shard`."""
-    rows = pq.read_table(path).to_pylist()
-    if len(rows) != 1:
-        raise ValueError(f"{path}: expected one study per shard, found {len(rows)}")
-    return decode_row(rows[0])
+    return decode_row(read_shard_row(path, tuple(SCHEMA.names)))
+
+
+def read_shard_row(path: str | Path, columns: tuple[str, ...]) -> dict:
+    """The one row of a one-study shard, only `columns` (pyarrow reads nothing else): the one shard reader.
+
+    Binary columns come back as zero-copy Arrow buffers (`to_pylist` would copy the whole volume into Python bytes:
+    ~40 % of a read; `np.frombuffer` reads them as they are), null ones as None, the rest as Python values.
+    """
+    table = pq.read_table(str(path), columns=list(columns))
+    if table.num_rows != 1:
+        raise ValueError(f"{path}: expected one study per shard, found {table.num_rows}")
+    row = {}
+    for name in columns:
+        scalar = table.column(name)[0]
+        binary = pa.types.is_binary(scalar.type) and scalar.is_valid
+        row[name] = scalar.as_buffer() if binary else scalar.as_py()
+    return row

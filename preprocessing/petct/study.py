@@ -20,10 +20,11 @@ import SimpleITK as sitk
 from .config import PrepareConfig
 from .errors import StudyError
 from .io import hash_source, read_ct, read_label, read_pet
+from .labels import LabelSet
 from .normalise import normalise
 from .registration import register_ct_to_pet
 from .resample import antialias, physical_overlap, resample_ct_to_pet
-from .shards import PreparedStudy, atomic_write_bytes, write_shard
+from .shards import PreparedStudy, atomic_write_json, write_shard
 
 VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -127,15 +128,21 @@ def run_study(source: StudySource, layout: OutputLayout, cfg: PrepareConfig, con
                       error=f"{type(exc).__name__}: {exc} ({Path(where.filename).name}:{where.lineno})"[:500])
     record["timings_s"] = {k: round(v, 4) for k, v in timer.items()}
     record["prepared_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    atomic_write_bytes(layout.record(source.study_id), json.dumps(record, indent=1).encode(), layout.tmp)
+    atomic_write_json(layout.record(source.study_id), record, layout.tmp)
     return {**record, "skipped": False}
+
+
+def label_voxels(label: np.ndarray, labels: LabelSet) -> dict[str, int]:
+    """{class name: voxel count} of the classes present (background included), in label-value order."""
+    counts = np.bincount(label.ravel(), minlength=labels.num_classes)
+    return {labels.name(v): int(n) for v, n in enumerate(counts) if n}
 
 
 def _prepare(source: StudySource, layout: OutputLayout, cfg: PrepareConfig, timer: _Timer) -> dict:
     sid = source.study_id
     with timer("read"):
         ct, pet = read_ct(sid, source.ct), read_pet(sid, source.pet)
-        label = read_label(sid, source.label, pet) if source.label else None
+        label = read_label(sid, source.label, pet, cfg.labels) if source.label else None
     if physical_overlap(ct, pet) <= 0:
         raise StudyError(sid, "no_overlap", "CT and PET fields of view do not intersect in the scanner frame")
     with timer("resample"):
@@ -160,6 +167,7 @@ def _prepare(source: StudySource, layout: OutputLayout, cfg: PrepareConfig, time
         "shape": list(image.shape[1:]), "spacing": list(pet.GetSpacing()), "origin": list(pet.GetOrigin()),
         "direction": list(pet.GetDirection()), "ct_window": [cfg.ct_window.lo, cfg.ct_window.hi],
         "pet_window": [cfg.pet_window.lo, cfg.pet_window.hi], "labeled": label is not None,
+        "label_voxels": None if label_array is None else label_voxels(label_array, cfg.labels),
         **result.to_record(),
     }
     if cfg.qc_png:

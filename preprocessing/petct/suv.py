@@ -1,4 +1,4 @@
-"""Standardised uptake value (body weight) from DICOM PET tags (REFERENCE.md §4).
+"""Standardised uptake value (body weight) from DICOM PET tags (DICOM PS3.3 PET Image and Isotope modules).
 
 SUV = activity[Bq/mL] * weight[kg] * 1000 / (dose[Bq] * 2^(-dt/half_life)), dt = scan start - injection.
 Every input comes from a tag; a missing one raises `SuvTagError` (the caller names the study): never a guess.

@@ -1,6 +1,9 @@
 """Synthetic whole-body PSMA PET/CT studies and cohorts (NIfTI or DICOM), with ground-truth CT motion.
 
 Conventions (all images: direction identity, DICOM LPS scanner frame shared by CT and PET):
+- Labels: the phantom paints the 12 PSMA classes (`petct.labels.PSMA`). For another label set, each painted class
+  whose name is in that set gets its value there and every other class becomes background (0): `{0: background,
+  1: lesion}` gives binary lesion masks.
 - The anatomy is defined in the PET frame. PET(p) = anatomy(p); CT(y) = anatomy(T^-1(y)), where T (motion.json,
   a SimpleITK Euler3DTransform) maps a PET (fixed) point to the CT (moving) point showing the same anatomy, i.e.
   `sitk.Resample(ct, pet, T)` puts the CT onto the PET grid in register.
@@ -22,6 +25,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
+from .labels import PSMA, LabelSet, LabelSetError
 from .phantom import S_END, Body, Grid, Phantom, build_phantom, paint, sample_body
 
 CSV_COLUMNS = ("study_id", "ct", "pet", "label", "cohort")
@@ -170,6 +174,25 @@ def render_pet(ph: Phantom, grid: Grid, rng: np.random.Generator) -> tuple[sitk.
     return grid.image(suv), grid.image(label)
 
 
+def phantom_label_lut(labels: LabelSet) -> np.ndarray | None:
+    """Painted PSMA value -> value in `labels` (the class of the same name, else 0); None when that is the identity.
+
+    A set sharing no foreground class with the phantom would give empty masks: that is an error, not a cohort."""
+    lut = np.array([0] + [labels.names.index(n) if n in labels.names[1:] else 0 for n in PSMA.names[1:]], np.uint8)
+    if not lut.any():
+        raise LabelSetError(f"label set {labels.describe()} shares no class with the synthetic phantom's classes "
+                            f"{list(PSMA.names[1:])}")
+    return None if np.array_equal(lut, np.arange(PSMA.num_classes)) else lut
+
+
+def _relabel(label: sitk.Image, lut: np.ndarray | None) -> sitk.Image:
+    if lut is None:
+        return label
+    out = sitk.GetImageFromArray(lut[sitk.GetArrayViewFromImage(label)])
+    out.CopyInformation(label)
+    return out
+
+
 def _study_volumes(seed: int, spec: GridSpec) -> dict:
     """Everything of one study, in memory (independent random streams: anatomy, motion, noise, DICOM metadata)."""
     r_anat, r_motion, r_noise, r_meta = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4))
@@ -186,14 +209,17 @@ def _study_volumes(seed: int, spec: GridSpec) -> dict:
 
 
 def synth_study(study_id: str, out_dir: Path, *, labeled: bool, seed: int, scale: str = "small",
-                fmt: str = "nifti") -> dict:
+                fmt: str = "nifti", labels: LabelSet = PSMA) -> dict:
     """Write one study to out_dir/study_id/ and return its cohort.csv row (paths relative to out_dir).
+
+    `labels`: the label set of label.nii.gz (see the module docstring); the images do not depend on it.
 
     NIfTI: ct.nii.gz (int16 HU), pet.nii.gz (float32 SUVbw), label.nii.gz (uint8, labelled only), motion.json.
     DICOM: ct/ and pet/ series (PET in Bq/mL with SUV tags), suv_truth.json, label.nii.gz, motion.json.
     """
     if fmt not in ("nifti", "dicom"):
         raise ValueError(f"fmt must be 'nifti' or 'dicom', not {fmt!r}")
+    lut = phantom_label_lut(labels)
     vol = _study_volumes(seed, GRIDS[scale])
     folder = Path(out_dir) / study_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -208,18 +234,20 @@ def synth_study(study_id: str, out_dir: Path, *, labeled: bool, seed: int, scale
         write_study_dicom(folder, study_id, seed, vol["ct"], vol["pet"], vol["r_meta"])
         ct_name, pet_name = "ct", "pet"
     if labeled:
-        sitk.WriteImage(vol["label"], str(folder / "label.nii.gz"), True)
+        sitk.WriteImage(_relabel(vol["label"], lut), str(folder / "label.nii.gz"), True)
     return {"study_id": study_id, "ct": f"{study_id}/{ct_name}", "pet": f"{study_id}/{pet_name}",
             "label": f"{study_id}/label.nii.gz" if labeled else "", "cohort": "labeled" if labeled else "unlabeled"}
 
 
 def synth_cohort(out: Path, *, unlabeled: int, labeled: int, seed: int = 0, scale: str = "small",
-                 fmt: str = "nifti", workers: int = 1) -> Path:
+                 fmt: str = "nifti", workers: int = 1, labels: LabelSet = PSMA) -> Path:
     """Write `labeled` studies lab_0000.. and `unlabeled` studies unl_0000.. plus out/cohort.csv; return the CSV.
+    Label volumes hold the values of `labels` (see the module docstring).
 
     Study i of a cohort uses `study_seed(seed, labeled, i)`, so the cohort is reproducible whatever `workers`.
     The CSV lists labelled studies first, then unlabelled ones, each in index order.
     """
+    phantom_label_lut(labels)  # a label set the phantom cannot paint fails before any study is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(f"lab_{i:04d}", True, study_seed(seed, True, i)) for i in range(labeled)]
@@ -228,11 +256,11 @@ def synth_cohort(out: Path, *, unlabeled: int, labeled: int, seed: int = 0, scal
     bar = tqdm(total=len(jobs), desc="synth", unit="study")
     if workers <= 1:
         for sid, lab, s in jobs:
-            rows[sid] = synth_study(sid, out, labeled=lab, seed=s, scale=scale, fmt=fmt)
+            rows[sid] = synth_study(sid, out, labeled=lab, seed=s, scale=scale, fmt=fmt, labels=labels)
             bar.update()
     else:  # spawn: SimpleITK's thread pool is not fork-safe
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(synth_study, sid, out, labeled=lab, seed=s, scale=scale, fmt=fmt)
+            futures = [pool.submit(synth_study, sid, out, labeled=lab, seed=s, scale=scale, fmt=fmt, labels=labels)
                        for sid, lab, s in jobs]
             for future in as_completed(futures):
                 row = future.result()
