@@ -37,8 +37,10 @@ import torch
 
 
 def prepared_study(out: Path, seed: int):
-    """One full-scale labelled synthetic study, prepared (cached in `out`); returns its PreparedStudy."""
+    """One full-scale labelled synthetic study, prepared (cached in `out`); returns its PreparedStudy and the
+    prepared folder's label set."""
     from petct.config import PrepareConfig
+    from petct.labels import read_label_set
     from petct.pipeline import prepare_cohort
     from petct.shards import read_shard
     from petct.synth import synth_cohort
@@ -49,7 +51,7 @@ def prepared_study(out: Path, seed: int):
         summary = prepare_cohort(csv, out / "prepared", PrepareConfig(qc_png=False), workers=0, progress=False)
         assert all(r["status"] == "ok" for r in summary.records), summary.records
         shards = sorted((out / "prepared" / "shards").glob("*.parquet"))
-    return read_shard(shards[0])
+    return read_shard(shards[0]), read_label_set(out / "prepared")
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
@@ -130,13 +132,12 @@ def summarise(runs: list[dict], config: str) -> dict:
             "seconds_per_window": round(wall / runs[-1]["windows"], 3), "config": config}
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray) -> dict:
-    from petct.labels import CLASSES
+def _dice(pred: np.ndarray, truth: np.ndarray, labels) -> dict:
     from swinssl.eval.metrics import dice_per_class, mean_dice
 
-    per_class = dice_per_class(pred, truth)
+    per_class = dice_per_class(pred, truth, labels.num_classes)
     return {"mean": _round(mean_dice(per_class)),
-            "per_class": {CLASSES[c]: _round(v) for c, v in per_class.items()}}
+            "per_class": {labels.name(c): _round(v) for c, v in per_class.items()}}
 
 
 def _round(value: float, digits: int = 4) -> float | None:
@@ -155,15 +156,17 @@ def compare(base: np.ndarray, ours: np.ndarray, box: tuple[slice, ...]) -> dict:
     }
 
 
-def write_figures(study, base: np.ndarray, ours: np.ndarray, out: Path) -> None:
+def write_figures(study, base: np.ndarray, ours: np.ndarray, out: Path, labels) -> None:
     """The module's own outputs for this run: prediction NIfTI, overlay PNG, Dice bar chart of both."""
-    from swinssl.eval.infer import dice_bar_chart, overlay_png, save_prediction
-    from swinssl.eval.metrics import dice_per_class
+    from swinssl.eval.infer import save_prediction
+    from swinssl.eval.plots import dice_bar_chart, overlay_png
 
     save_prediction(study, ours, out / f"{study.study_id}_pred.nii.gz")
-    overlay_png(study, ours, out / f"{study.study_id}_overlay.png", title=f"{study.study_id}: predict_volume")
-    series = {"monai default": dice_per_class(base, study.label), "predict_volume": dice_per_class(ours, study.label)}
-    dice_bar_chart(series, out / "dice.png", title=f"{study.study_id}: Dice vs truth")
+    overlay_png(study, ours, out / f"{study.study_id}_overlay.png", labels, title=f"{study.study_id}: predict_volume")
+    series = {"monai default": _dice(base, study.label, labels)["per_class"],
+              "predict_volume": _dice(ours, study.label, labels)["per_class"]}
+    dice_bar_chart(series, out / "dice.png", [labels.name(c) for c in labels.foreground],
+                   title=f"{study.study_id}: Dice vs truth")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -190,9 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    study = prepared_study(out, args.seed)
+    study, labels = prepared_study(out, args.seed)
     roi = (args.roi,) * 3
-    model = SwinUNETR(in_channels=2, out_channels=12, feature_size=args.feature_size)
+    model = SwinUNETR(in_channels=2, out_channels=labels.num_classes, feature_size=args.feature_size)
     start = time.perf_counter()
     losses = []
     if args.weights:
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()[0]
     for _ in range(args.repeats):  # interleaved, so load from elsewhere on the machine hits both alike
         runs["baseline"].append(timed(lambda: baseline(model, image, roi), counter))
-        runs["ours"].append(timed(lambda: predict_volume(model, image, roi), counter))
+        runs["ours"].append(timed(lambda: predict_volume(model, image, roi, labels.num_classes), counter))
     load_after = os.getloadavg()[0]
     base, ours = runs["baseline"][-1]["prediction"], runs["ours"][-1]["prediction"]
     timing = {"baseline": summarise(runs["baseline"], "sliding_window_inference defaults: whole volume, "
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
               "ours": summarise(runs["ours"], "predict_volume defaults: body box, sw_batch_size=4, overlap=0.25, "
                                               "mode=gaussian")}
     box = body_box(study.image)
-    write_figures(study, base, ours, out)
+    write_figures(study, base, ours, out, labels)
 
     result = {
         "study": study.study_id, "grid_zyx": list(study.image.shape[1:]),
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         "window_ratio": round(timing["baseline"]["windows"] / timing["ours"]["windows"], 2),
         "goal_speedup": 1.5,
         "load_average_1min_before_after": [round(load_before, 2), round(load_after, 2)],
-        "dice_vs_truth": {"baseline": _dice(base, study.label), "ours": _dice(ours, study.label)},
+        "dice_vs_truth": {"baseline": _dice(base, study.label, labels), "ours": _dice(ours, study.label, labels)},
         **compare(base, ours, box),
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))

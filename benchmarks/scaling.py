@@ -167,15 +167,18 @@ def _shape_only(task_class: type) -> type:
     """The task with its pretext views replaced by zero tensors of the same shapes on x's device: lets the meta
     device run `losses` (cutout's early stop reads values). Rotation and cutout have no matmul/conv FLOPs."""
 
+    from swinssl.tasks.registry import Views
+
     class ShapeOnly(task_class):
         def _views(self, x, generator):
-            views = (2 if "contrastive" in self.heads else 1) * x.shape[0]
+            views = self.copies * x.shape[0]
 
             def zeros(*shape, dtype=torch.float32):
                 return torch.zeros(shape, dtype=dtype, device=x.device)
 
-            return (zeros(views, *x.shape[1:]), zeros(views, *x.shape[1:]), zeros(views, dtype=torch.long),
-                    zeros(views, 1, *x.shape[2:], dtype=torch.bool))
+            return Views(cut=zeros(views, *x.shape[1:]), target=zeros(views, *x.shape[1:]),
+                         rotation=zeros(views, dtype=torch.long), holes=zeros(views, 1, *x.shape[2:], dtype=torch.bool),
+                         copies=self.copies)
 
     return ShapeOnly
 

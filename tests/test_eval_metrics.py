@@ -197,3 +197,108 @@ def test_lesion_rejects_bad_input() -> None:
         lesion_metrics(a, a, (0.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="connectivity"):
         lesion_metrics(a, a, (1.0, 1.0, 1.0), connectivity=4)
+
+
+# ----------------------------------------------------------------------------- metric families
+
+
+def _hd95_scipy(a: np.ndarray, b: np.ndarray, spacing_zyx: tuple[float, float, float]) -> float:
+    """Independent HD95: surfaces as mask minus its 6-connected erosion, exact Euclidean distance transforms (mm),
+    the larger of the two directed 95th percentiles."""
+    from scipy import ndimage
+
+    def edges(mask: np.ndarray) -> np.ndarray:
+        return mask & ~ndimage.binary_erosion(mask)
+
+    ea, eb = edges(a), edges(b)
+    a_to_b = ndimage.distance_transform_edt(~eb, sampling=spacing_zyx)[ea]
+    b_to_a = ndimage.distance_transform_edt(~ea, sampling=spacing_zyx)[eb]
+    return float(max(np.percentile(a_to_b, 95), np.percentile(b_to_a, 95)))
+
+
+def _two_studies() -> list[tuple[np.ndarray, np.ndarray]]:
+    truth, pred = np.zeros((20, 24, 28), np.uint8), np.zeros((20, 24, 28), np.uint8)
+    truth[3:12, 4:15, 5:20] = 1
+    pred[5:14, 3:13, 8:22] = 1
+    truth[14:18, 18:22, 2:6] = 2
+    pred[13:18, 17:23, 3:9] = 2
+    pred[1:3, 1:3, 1:3] = 2  # a far false positive: HD95 large, lesion fp = 1
+    other_truth, other_pred = truth.copy(), truth.copy()
+    other_truth[0:2, 0:2, 25:27] = 2  # missed lesion
+    return [(pred, truth), (other_pred, other_truth)]
+
+
+SPACING_XYZ = (2.0, 4.07, 3.0)
+
+
+def test_hd95_equals_an_independent_recomputation() -> None:
+    from swinssl.eval.metrics import hd95_per_class
+
+    for pred, truth in _two_studies():
+        hd = hd95_per_class(pred, truth, 4, SPACING_XYZ[::-1])
+        for c in (1, 2):
+            assert hd[c] == pytest.approx(_hd95_scipy(pred == c, truth == c, SPACING_XYZ[::-1]), rel=1e-5)
+        assert math.isnan(hd[3])  # absent from both: not scored
+    assert math.isnan(hd95_per_class(np.zeros((4, 4, 4), np.uint8), np.ones((4, 4, 4), np.uint8), 2, (1, 1, 1))[1])
+
+
+def test_study_metrics_families_names_and_fold_aggregation() -> None:
+    from petct.labels import LabelSet
+    from swinssl.eval.families import study_metrics
+    from swinssl.eval.summary import cv_summary, flat_metrics, fold_metrics
+
+    labels = LabelSet(("background", "organ", "lesion", "spare"), lesion=2)
+    rows = [study_metrics(p, t, SPACING_XYZ, labels, ["dice", "lesion", "hd95"]) for p, t in _two_studies()]
+    assert list(rows[0]) == ["dice", "lesion", "hd95"]
+    assert set(rows[0]["dice"]) == {"organ", "lesion", "spare", "mean"}
+    per_class = dice_per_class(*_two_studies()[0], num_classes=4)
+    assert rows[0]["dice"]["organ"] == per_class[1] and rows[0]["dice"]["mean"] == mean_dice(per_class)
+    assert rows[0]["lesion"] == lesion_metrics(_two_studies()[0][0] == 2, _two_studies()[0][1] == 2, (3.0, 4.07, 2.0))
+
+    fold = fold_metrics(rows)
+    agg = aggregate([dice_per_class(p, t, 4) for p, t in _two_studies()])  # the pre-family aggregation
+    assert fold["dice"]["organ"] == agg["per_class"][1] and fold["dice"]["mean"] == agg["dice_mean"]
+    assert fold["lesion"]["fp"] == rows[0]["lesion"]["fp"] + rows[1]["lesion"]["fp"]
+    assert fold["hd95"]["lesion"] == pytest.approx((rows[0]["hd95"]["lesion"] + rows[1]["hd95"]["lesion"]) / 2)
+
+    flat = flat_metrics(cv_summary([fold, fold]))
+    assert {"dice_mean", "dice/organ", "dice/lesion", "lesion/tp", "lesion/lesion_dice", "hd95_mean",
+            "hd95/lesion"} <= set(flat)
+    assert "dice/spare" not in flat  # NaN in every fold: not logged
+
+    no_lesion = LabelSet(("background", "organ", "other"))
+    assert list(study_metrics(*_two_studies()[0], SPACING_XYZ, no_lesion)) == ["dice"]  # lesion needs a class
+
+
+def test_unknown_family_is_an_error_not_dropped() -> None:
+    from swinssl.eval.summary import cv_summary, fold_metrics
+
+    with pytest.raises(ValueError, match="'volume' is not registered"):
+        fold_metrics([{"dice": {"a": 1.0, "mean": 1.0}, "volume": {"a": 3.0}}])
+    with pytest.raises(ValueError, match="not registered"):
+        cv_summary([{"volume": {"a": 3.0}}])
+
+
+def test_psma_metric_names_are_unchanged() -> None:
+    from petct.labels import PSMA
+    from swinssl.eval.families import study_metrics
+    from swinssl.eval.summary import cv_summary, flat_metrics, fold_metrics
+
+    truth = np.zeros((8, 8, 8), np.uint8)
+    for c in PSMA.foreground:
+        truth[c % 8, c // 8::2, :] = c
+    flat = flat_metrics(cv_summary([fold_metrics([study_metrics(truth, truth, (1, 1, 1), PSMA)])]))
+    expected = {"dice_mean", *(f"dice/{PSMA.name(c)}" for c in PSMA.foreground),
+                *(f"lesion/{k}" for k in ("tp", "fp", "fn", "truth_count", "pred_count", "fp_volume_ml",
+                                          "fn_volume_ml", "lesion_dice"))}
+    assert set(flat) == expected
+
+
+def test_config_metric_names_are_the_registered_families() -> None:
+    from typing import get_args
+
+    from swinssl.config import EvalConfig, MetricName
+    from swinssl.eval.families import FAMILIES
+
+    assert set(get_args(MetricName)) == set(FAMILIES)  # eval.metrics accepts exactly what can be aggregated
+    assert EvalConfig().metrics == ["dice", "lesion"]  # HD95 is off by default

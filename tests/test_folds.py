@@ -81,3 +81,44 @@ def test_errors() -> None:
         kfold_split(["a", "b"], [True, False], folds=1)
     with pytest.raises(ValueError, match="has_lesion"):
         kfold_split(["a", "b", "c"], [True, False], folds=2)
+
+
+# ------------------------------------------------------------------------ has-lesion flags from the label set
+
+
+def _refs(tmp_path, voxels: list[dict | None]):
+    """StudyRefs: with `label_voxels` from the manifest, or (None) with a real shard whose label holds class 2."""
+    import numpy as np
+
+    from petct.shards import PreparedStudy, write_shard
+    from swinssl.data.studies import StudyRef
+
+    refs = []
+    for i, counts in enumerate(voxels):
+        shard = tmp_path / f"s{i}.parquet"
+        if counts is None:
+            label = np.zeros((4, 4, 4), np.uint8)
+            label[1, 1, 1] = 2
+            study = PreparedStudy(f"s{i}", "labeled", i, np.zeros((2, 4, 4, 4), np.float32), label, (1.0,) * 3,
+                                  (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1))
+            write_shard(shard, study, tmp_path / ".tmp")
+        refs.append(StudyRef(f"s{i}", "labeled", i, str(shard), (4, 4, 4), True, counts))
+    return refs
+
+
+def test_make_folds_stratifies_on_the_label_sets_lesion_class(tmp_path) -> None:
+    from petct.labels import LabelSet
+    from swinssl.config import FinetuneConfig
+    from swinssl.train.finetune import _has_lesion, make_folds
+
+    two = LabelSet(("background", "organ", "tumour"), lesion=2)
+    refs = _refs(tmp_path, [{"organ": 5, "tumour": 3}, {"organ": 9}, {"tumour": 1}, {"organ": 1}, None])
+    assert [_has_lesion(r, two) for r in refs] == [True, False, True, False, True]  # the last from its shard
+    cfg = FinetuneConfig()
+    cfg.cv.folds, cfg.cv.seed = 2, 4
+    ids = [r.study_id for r in refs]
+    assert make_folds(cfg, refs, two) == kfold_split(ids, [True, False, True, False, True], 2, 4)
+    # no lesion class: nothing to stratify on, a plain seeded k-fold (every study in one stratum)
+    none = LabelSet(("background", "organ", "tumour"))
+    assert not any(_has_lesion(r, none) for r in refs)
+    assert make_folds(cfg, refs, none) == kfold_split(ids, [False] * 5, 2, 4)

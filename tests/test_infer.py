@@ -10,9 +10,12 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from petct.labels import CLASSES, LESION
+from petct.labels import PSMA, LabelSet
 from petct.shards import PreparedStudy
-from swinssl.eval.infer import _series_matrix, body_box, dice_bar_chart, overlay_png, predict_volume, save_prediction
+from swinssl.eval.infer import body_box, predict_volume, save_prediction
+from swinssl.eval.plots import CLASS_COLOURS, _axial_index, _series_matrix, class_palette, dice_bar_chart, overlay_png
+
+FOREGROUND = [PSMA.name(c) for c in PSMA.foreground]
 
 SHAPE = (40, 48, 56)
 BODY = (slice(5, 35), slice(14, 34), slice(10, 46))  # CT 0.6 inside, air (< 0.3) outside
@@ -50,10 +53,10 @@ def _study(label: np.ndarray | None, shape=SHAPE) -> PreparedStudy:
 
 def _label() -> np.ndarray:
     label = np.zeros(SHAPE, np.uint8)
-    label[8:30, 16:30, 12:26] = CLASSES.index("liver")
-    label[20:26, 20:28, 30:40] = CLASSES.index("kidneys")
-    label[10:14, 18:22, 34:38] = LESION
-    label[27:33, 24:29, 20:25] = LESION  # the larger lesion: the axial slice goes through it
+    label[8:30, 16:30, 12:26] = PSMA.value("liver")
+    label[20:26, 20:28, 30:40] = PSMA.value("kidneys")
+    label[10:14, 18:22, 34:38] = PSMA.lesion
+    label[27:33, 24:29, 20:25] = PSMA.lesion  # the larger lesion: the axial slice goes through it
     return label
 
 
@@ -75,7 +78,7 @@ def test_body_crop_is_exact_for_a_model_that_predicts_background_on_air(shape, m
     image = torch.from_numpy(_image(shape, body))
     model = PointwiseLogits()
     expected = model(image[None])[0].argmax(0).to(torch.uint8).numpy()
-    kwargs = {"roi": (32, 32, 32), "sw_batch_size": sw_batch_size, "mode": mode}
+    kwargs = {"roi": (32, 32, 32), "num_classes": 12, "sw_batch_size": sw_batch_size, "mode": mode}
     cropped = predict_volume(model, image, crop_to_body=True, **kwargs)
     full = predict_volume(model, image, crop_to_body=False, **kwargs)
     assert cropped.shape == shape and cropped.dtype == np.uint8
@@ -93,7 +96,7 @@ def test_predict_volume_swinunetr_shape_dtype_range_and_mode_restored():
     model = SwinUNETR(in_channels=2, out_channels=12, feature_size=12).train()
     shape = (40, 48, 120)
     image = torch.from_numpy(_image(shape))
-    pred = predict_volume(model, image, (64, 64, 64))
+    pred = predict_volume(model, image, (64, 64, 64), 12)
     assert pred.shape == shape and pred.dtype == np.uint8
     assert pred.min() >= 0 and pred.max() < 12
     assert pred[..., :64].any() and not pred[..., 64:].any()  # outside the (grown) box: background by construction
@@ -128,26 +131,42 @@ def test_overlay_png_is_a_real_image(tmp_path, labelled):
     study = _study(label if labelled else None)
     pred = label.copy()
     pred[8:12] = 0  # some disagreement
-    path = overlay_png(study, pred, tmp_path / "png" / "overlay.png", title="s1: truth vs prediction")
+    path = overlay_png(study, pred, tmp_path / "png" / "overlay.png", PSMA, title="s1: truth vs prediction")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000
 
 
-def test_dice_bar_chart_series_and_nan(tmp_path):
-    single = {c: (math.nan if c in (3, 5) else c / 12) for c in range(1, 12)}
-    path = dice_bar_chart(single, tmp_path / "single.png", title="one study")
+def test_overlay_of_another_label_set_uses_its_classes_and_palette(tmp_path):
+    two = LabelSet(("background", "lesion"), lesion=1)
+    label = (_label() == PSMA.lesion).astype(np.uint8)
+    assert _axial_index(label, label, 0, two) == (29, "largest lesion")  # z 27..32 of the larger lesion: median 29.5
+    organs = LabelSet(("background", "spleen", "kidney"))  # no lesion, no liver: the first class present
+    assert _axial_index(np.where(label > 0, 2, 0), label * 0, 5, organs)[1] == "kidney"
+    assert _axial_index(None, label * 0, 5, organs) == (5, "body centre")
+    path = overlay_png(_study(label), label, tmp_path / "two.png", two)
     assert path.stat().st_size > 10_000
-    series = {"scratch": single, "pretrained": {"1": 0.9, "8": 0.95, "11": math.nan}, "empty": {2: math.nan}}
-    path = dice_bar_chart(series, tmp_path / "grouped.png", title="scratch vs pretrained")
+    assert class_palette(PSMA) == CLASS_COLOURS
+    many = class_palette(LabelSet(tuple(f"c{i}" for i in range(20))))
+    assert len(many) == 20 and len(set(many[1:])) == 19  # distinct colours for any number of classes
+    assert class_palette(two)[1] == "#ff1a1a"  # the lesion is red in every set
+
+
+def test_dice_bar_chart_series_and_nan(tmp_path):
+    single = {PSMA.name(c): (math.nan if c in (3, 5) else c / 12) for c in range(1, 12)}
+    path = dice_bar_chart(single, tmp_path / "single.png", FOREGROUND, title="one study")
+    assert path.stat().st_size > 10_000
+    series = {"scratch": single, "pretrained": {"lacrimal_glands": 0.9, "liver": 0.95, "lesion": None},
+              "empty": {"parotid_glands": math.nan}}
+    path = dice_bar_chart(series, tmp_path / "grouped.png", FOREGROUND, title="scratch vs pretrained")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
-    names, matrix = _series_matrix(series)
+    names, matrix = _series_matrix(series, FOREGROUND)
     assert names == ["scratch", "pretrained", "empty"] and matrix.shape == (3, 11)
     assert np.isnan(matrix[0, [2, 4]]).all() and matrix[0, 0] == pytest.approx(1 / 12)
     assert matrix[1, 0] == 0.9 and matrix[1, 7] == 0.95 and np.isnan(matrix[1, [1, 10]]).all()  # NaN and absent
     assert np.isnan(matrix[2]).all()
-    with pytest.raises(ValueError):
-        _series_matrix({0: 0.5})  # background is never scored
+    with pytest.raises(ValueError, match="background"):
+        _series_matrix({"background": 0.5}, FOREGROUND)  # background is never scored
 
 
 def test_channels_last_3d_keeps_the_function():

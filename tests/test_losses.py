@@ -1,4 +1,5 @@
-"""Pretext losses (REFERENCE.md §2) vs hand-computed values, plus a 2-process gloo check of the gathered NT-Xent."""
+"""Pretext losses (rotation CE, SimCLR NT-Xent, inpainting L1) vs hand-computed values, plus a 2-process gloo check
+of the gathered NT-Xent."""
 
 from __future__ import annotations
 

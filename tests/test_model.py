@@ -54,7 +54,8 @@ class _Recorder(dict):
 
 
 def _btcv_load(net: nn.Module, path: Path) -> tuple[list[str], list[str]]:
-    """The BTCV fine-tuning recipe (REFERENCE §3), written out: returns (missing, unexpected)."""
+    """The BTCV fine-tuning recipe (Project-MONAI/research-contributions, SwinUNETR/BTCV/main.py: strip `module.`,
+    rename `swin_vit` to `swinViT`, load_state_dict(strict=False)), written out: returns (missing, unexpected)."""
     state = torch.load(path, weights_only=True)["state_dict"]
     if "module." in next(iter(state)):
         for key in list(state):
@@ -80,17 +81,17 @@ def test_output_shapes(roi: tuple[int, int, int]) -> None:
     x = torch.randn(1, 2, *roi)
     with torch.no_grad():
         out = model(x)
-    assert set(out) == {"rotation", "contrastive", "reconstruction"}
+    assert set(out) == {"rotation", "contrastive", "inpainting"}
     assert out["rotation"].shape == (1, 4)
     assert out["contrastive"].shape == (1, 32)
-    assert out["reconstruction"].shape == x.shape
+    assert out["inpainting"].shape == x.shape
 
 
 def test_backward_smallest_roi() -> None:
     """A 32^3 ROI gives a one-voxel bottleneck: the decoder norm must still work in training mode; grads reach all."""
     model = SSLModel(feature_size=F).train()
     out = model(torch.randn(2, 2, 32, 32, 32))
-    assert out["reconstruction"].shape == (2, 2, 32, 32, 32)
+    assert out["inpainting"].shape == (2, 2, 32, 32, 32)
     sum(v.float().mean() for v in out.values()).backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None]
     assert not no_grad, no_grad[:3]
@@ -103,28 +104,46 @@ def test_encoder_keys_equal_swinunetr() -> None:
 
 def test_heads_subset_skips_compute() -> None:
     model = SSLModel(feature_size=F)
-    calls = {"rotation": 0, "contrastive": 0, "reconstruction": 0, "encoder": 0}
-    modules = {
-        "rotation": model.rotation_head,
-        "contrastive": model.contrastive_head,
-        "reconstruction": model.reconstruction_head,
-        "encoder": model.swinViT,
-    }
+    calls = {"rotation": 0, "contrastive": 0, "inpainting": 0, "encoder": 0}
+    modules = {**model.heads, "encoder": model.swinViT}
     for name, mod in modules.items():
         mod.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
     x = torch.randn(1, 2, 32, 32, 32)
 
     out = model(x, heads={"rotation"})
     assert set(out) == {"rotation"} and out["rotation"].shape == (1, 4)
-    assert calls == {"rotation": 1, "contrastive": 0, "reconstruction": 0, "encoder": 1}
+    assert calls == {"rotation": 1, "contrastive": 0, "inpainting": 0, "encoder": 1}
 
-    out = model(x, heads={"contrastive", "reconstruction"})
-    assert set(out) == {"contrastive", "reconstruction"}
-    assert calls == {"rotation": 1, "contrastive": 1, "reconstruction": 1, "encoder": 2}
+    out = model(x, heads={"contrastive", "inpainting"})
+    assert set(out) == {"contrastive", "inpainting"}
+    assert calls == {"rotation": 1, "contrastive": 1, "inpainting": 1, "encoder": 2}
 
     assert model(x, heads=set()) == {} and calls["encoder"] == 2
     with pytest.raises(ValueError, match="unknown head"):
         model(x, heads={"rotate"})
+
+
+def test_only_given_heads_are_built_and_encoder_init_is_independent_of_them() -> None:
+    torch.manual_seed(0)
+    full = SSLModel(feature_size=F)
+    torch.manual_seed(0)
+    one = SSLModel(feature_size=F, heads=lambda width: {"rotation": nn.Linear(width, 4)})
+    assert list(one.heads) == ["rotation"] and not [k for k in one.state_dict() if "inpainting" in k]
+    assert all(torch.equal(a, b) for a, b in zip(full.swinViT.state_dict().values(),
+                                                 one.swinViT.state_dict().values()))
+
+
+def test_pre_registry_checkpoint_keys_load() -> None:
+    """Training checkpoints written before the registry named the heads rotation_head / contrastive_head /
+    reconstruction_head; they load into the classic heads (same tensors, same parameter order)."""
+    model = SSLModel(feature_size=F)
+    legacy = {k.replace("heads.rotation.", "rotation_head.").replace("heads.contrastive.", "contrastive_head.")
+              .replace("heads.inpainting.", "reconstruction_head."): v + 1 for k, v in model.state_dict().items()}
+    assert any(k.startswith("reconstruction_head.") for k in legacy)
+    fresh = SSLModel(feature_size=F)
+    fresh.load_state_dict(legacy)
+    for (key, value), expected in zip(fresh.state_dict().items(), legacy.values()):
+        assert torch.equal(value, expected), key
 
 
 def test_check_input_shape() -> None:

@@ -1,4 +1,5 @@
-"""Batch pretext transforms (REFERENCE.md §2): quarter-turn rotation labels and cutout boxes/fillings."""
+"""Batch pretext transforms (quarter-turn rotation labels, cutout boxes and fillings) as the SwinUNETR pretraining
+recipe defines them (Tang et al., CVPR 2022)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -35,15 +36,24 @@ def test_subsets_follow_curation_order(prepared):
         select_studies(out / "shards", "unlabeled", "all")
 
 
-@pytest.mark.parametrize("override, error, phrase", [
-    ("model.feature_size=10", ValueError, "multiple of 12"),
-    ("data.roi=[48,48,48]", ValueError, "32"),
-    ("data.roi=[256,32,32]", DataError, "larger than study"),
-    ("data.subset=0", DataError, "positive integer"),
+@pytest.mark.parametrize("overrides, phrases", [
+    (["model.feature_size=10"], ["model.feature_size: .*multiple of 12"]),
+    (["data.roi=[48,48,48]"], ["data.roi: .*32"]),
+    (["data.roi=[256,32,32]"], ["data.roi: .*larger than study"]),
+    (["data.subset=0"], ["data.subset: .*positive integer"]),
+    (["data.subset=450", "roi=[32,64,32]"], ["data.subset: 450 but", "pretext.rotation_dims: .*equal crop sides"]),
 ])
-def test_bad_configs_fail_before_workers(prepared, tmp_path, override, error, phrase):
-    with pytest.raises(error, match=phrase):
-        pretrain(_cfg(prepared[0], tmp_path / "run", override))
+def test_bad_configs_fail_before_workers(prepared, tmp_path, overrides, phrases):
+    """Config and data problems are found on the driver, all at once, as one ConfigError naming each key (a bare
+    `roi=` is set after loading: load_config would already refuse it alone)."""
+    with pytest.raises(ConfigError) as caught:
+        cfg = _cfg(prepared[0], tmp_path / "run", *[o for o in overrides if not o.startswith("roi=")])
+        for override in [o for o in overrides if o.startswith("roi=")]:
+            cfg.data.roi = [int(side) for side in override[5:-1].split(",")]
+        pretrain(cfg)
+    assert len(caught.value.problems) == len(phrases), caught.value.problems
+    for phrase in phrases:
+        assert any(re.search(phrase, problem) for problem in caught.value.problems), (phrase, caught.value.problems)
     assert not (tmp_path / "run" / "ray").exists()  # nothing was launched
 
 
@@ -89,6 +99,9 @@ def test_two_workers_killed_resume_and_export(prepared, tmp_path, ray_session, m
 
     with pytest.raises(ConfigError, match="feature_size"):  # a checkpoint of another model shape is refused
         pretrain(_cfg(prepared[0], out, "model.feature_size=24", "trainer.steps=9"))
+    with pytest.raises(ConfigError, match=r"heads: checkpoint \['rotation', 'contrastive', 'inpainting'\] vs config "
+                       r"\['rotation', 'inpainting'\].*another output_dir"):  # ... and one with other heads
+        pretrain(_cfg(prepared[0], out, "loss.w_contrastive=0", "trainer.steps=9"))
 
 
 def _check_encoder_loads_in_monai(path: Path, state: dict) -> None:

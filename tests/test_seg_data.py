@@ -57,7 +57,7 @@ def test_class_centres_lists_each_present_class_subsampled():
         assert (label[tuple(index.T)] == cls).all()
     assert 0 not in class_centres(label, include_background=False)
     with pytest.raises(ValueError, match="class 12"):
-        class_centres(np.full((2, 2, 2), 12, np.uint8))
+        class_centres(np.full((2, 2, 2), 12, np.uint8), num_classes=12)  # the label set's count bounds the values
 
 
 @pytest.mark.parametrize("balanced", [True, False])
@@ -223,6 +223,14 @@ def test_seg_crop_dataset_rejects_unlabelled_shard(ray_data, tmp_path):
         SegCropSampler((8, 8, 8), 2, 0)({"path": np.array([shard])})
     with pytest.raises(Exception, match="unlabelled_study.*no label"):  # Ray wraps it in RayTaskError(UserCode...)
         seg_crop_dataset([shard], (8, 8, 8), 2).take_all()
+
+
+def test_seg_sampler_rejects_labels_outside_the_label_set(tmp_path):
+    shard = _write(tmp_path, "twelve_classes", (10, 10, 10), True, 3)  # values 0..11
+    images, labels = SegCropSampler((8, 8, 8), 2, 0, num_classes=12)({"path": np.array([shard])}).values()
+    assert images.shape == (2, 2, 8, 8, 8) and labels.max() < 12
+    with pytest.raises(ValueError, match="twelve_classes.*expected classes 0..1"):  # a 2-class label set
+        SegCropSampler((8, 8, 8), 2, 0, num_classes=2)({"path": np.array([shard])})
 
 
 def test_fast_float16_body_mask_matches_float_compare():

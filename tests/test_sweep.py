@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from petct.labels import PSMA
 from swinssl.cli import main
 from swinssl.config import ConfigError, SweepConfig, load_config
 from swinssl.data.studies import DataError
-from swinssl.tune.report import FOREGROUND
 from swinssl.tune.space import expand_trials
 from swinssl.tune.sweep import _scheduler, max_concurrent_trials, resolve_stage_paths, sweep
 from swinssl.tune.trial import FAIL_ENV, stage_configs
@@ -46,7 +46,7 @@ def test_random_search_is_seeded_and_bounded(tmp_path):
     assert len(first) == 12 and temps == [s.values["loss.temperature"] for s in again]
     assert all(0.05 <= t <= 1.0 for t in temps) and len(set(temps)) == 12
     assert temps != [s.values["loss.temperature"] for s in expand_trials(_cfg(*sample, "search.seed=1"))]
-    with pytest.raises(ConfigError, match="uniform, loguniform or choice"):
+    with pytest.raises(ConfigError, match="kind: Invalid value 'normal'.*'uniform', 'loguniform', 'choice'"):
         expand_trials(_cfg("search.sample={loss.temperature: {kind: normal}}"))
     (tmp_path / "empty.yaml").write_text("name: empty\nscratch_baseline: false\n")
     with pytest.raises(ConfigError, match="no trials"):
@@ -168,7 +168,7 @@ def test_tiny_sweep_failure_resume_and_report(prepared, tmp_path, ray_session, m
     row = next(line for line in text.splitlines() if line.startswith("| w_con=1 n=3 |"))
     gain = _expected_gain(client, _check_mlflow(client, result.run_id, ""), "w_con=1 n=3")
     assert row.split("|")[3].strip() == "1/1" and row.split("|")[6].strip() == f"{gain:+.3f}"
-    assert all(f"| {c} |" in text for c in FOREGROUND)
+    assert all(f"| {PSMA.name(c)} |" in text for c in PSMA.foreground)  # classes from the fold runs' params
     for png in ("dice_vs_size.png", "per_class_gain.png"):
         assert (tmp_path / "report" / png).stat().st_size > 10_000
     rows = (tmp_path / "report" / "report.csv").read_text().splitlines()

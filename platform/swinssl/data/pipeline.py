@@ -1,6 +1,6 @@
 """Ray Data pipeline: prepared shards -> random crops -> per-worker batches.
 
-Design (REFERENCE.md §5): the dataset's rows are shard paths; a task reads one study, decodes it once and cuts
+Design: the dataset's rows are shard paths; a task reads one study, decodes it once and cuts
 `crops_per_study` crops right away, so rows that leave the read tasks are crops (a few MB), never volumes. Shuffle
 is at the file level every epoch (block order) plus a local shuffle buffer on the consumer; no `random_shuffle()`
 (an all-to-all of volumes through the object store). Memory is bounded by the in-flight tasks, not the cohort.
@@ -19,26 +19,15 @@ from collections.abc import Callable
 
 import numpy as np
 
+from petct.shards import read_shard_row
+
 from .crops import sample_crops
 from .seg_crops import sample_seg_crops
 
+__all__ = ["read_shard_row", "crop_dataset", "seg_crop_dataset", "CropSampler", "SegCropSampler"]
+
 CROP_COLUMNS = ("study_id", "shape", "image")
 SEG_COLUMNS = ("study_id", "shape", "image", "label")
-
-
-def read_shard_row(path: str, columns: tuple[str, ...]) -> dict:
-    """The one row of a one-study shard, only `columns` (pyarrow reads nothing else). Binary columns come back as
-    zero-copy Arrow buffers (`to_pylist` would copy the whole volume into Python bytes: ~40 % of a read)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(str(path), columns=list(columns))
-    row = {}
-    for name in columns:
-        scalar = table.column(name)[0]
-        binary = pa.types.is_binary(scalar.type) and scalar.is_valid
-        row[name] = scalar.as_buffer() if binary else scalar.as_py()
-    return row
 
 
 def decode_image(row: dict) -> np.ndarray:
@@ -94,12 +83,13 @@ class SegCropSampler:
 
     Output columns: `image` float16 (k, C, *roi), `label` uint8 (k, 1, *roi), the same windows. Positions are drawn
     fresh on every read (class-balanced by default, see `sample_seg_crops`); same reproducibility as CropSampler.
+    `num_classes` is the label set's (a label value >= it fails the read, naming the shard); None: not checked.
     """
 
     def __init__(self, roi: tuple[int, int, int], crops_per_study: int, seed: int, class_balanced: bool = True,
-                 background_prob: float = 0.1):
+                 background_prob: float = 0.1, num_classes: int | None = None):
         self.roi, self.k, self.seed = tuple(roi), crops_per_study, seed
-        self.class_balanced, self.background_prob = class_balanced, background_prob
+        self.class_balanced, self.background_prob, self.num_classes = class_balanced, background_prob, num_classes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """batch["path"]: shard files; each is read once, its image and label decoded once and cut k times."""
@@ -107,9 +97,12 @@ class SegCropSampler:
         for path in batch["path"]:
             row = read_shard_row(path, SEG_COLUMNS)
             label = decode_label(row, str(path))
-            image, label = sample_seg_crops(decode_image(row), label, self.roi, self.k,
-                                            study_rng(self.seed, row["study_id"]), self.class_balanced,
-                                            background_prob=self.background_prob)
+            try:
+                image, label = sample_seg_crops(decode_image(row), label, self.roi, self.k,
+                                                study_rng(self.seed, row["study_id"]), self.class_balanced,
+                                                num_classes=self.num_classes, background_prob=self.background_prob)
+            except ValueError as exc:
+                raise ValueError(f"shard {path} (study {row['study_id']!r}): {exc}") from None
             images.append(image)
             labels.append(label)
         return {"image": np.concatenate(images), "label": np.concatenate(labels)}
@@ -128,15 +121,16 @@ def crop_dataset(shards: list[str], roi: tuple[int, int, int], crops_per_study: 
 
 def seg_crop_dataset(shards: list[str], roi: tuple[int, int, int], crops_per_study: int, seed: int = 0,
                      class_balanced: bool = True, read_cpus: float = 1.0, min_crops_per_epoch: int = 0,
-                     background_prob: float = 0.1):
+                     background_prob: float = 0.1, num_classes: int | None = None):
     """A Ray Dataset of segmentation crops: `image` float16 (C, *roi) and `label` uint8 (1, *roi), same windows.
 
     Same design as `crop_dataset` (shard paths as rows, block order randomised every epoch, one read + decode per
     shard, fresh crops each read); a pass yields len(shards) * crops_per_study * epoch_repeats(...) rows. Every
     shard must carry a label: an unlabelled one fails the pass with a ValueError naming the shard and study (raised
-    in the read task; the consumer sees Ray's RayTaskError(UserCodeException) carrying that message).
+    in the read task; the consumer sees Ray's RayTaskError(UserCodeException) carrying that message), and so does a
+    label value outside the label set (`num_classes`, the set's number of classes).
     """
-    sampler = SegCropSampler(roi, crops_per_study, seed, class_balanced, background_prob)
+    sampler = SegCropSampler(roi, crops_per_study, seed, class_balanced, background_prob, num_classes)
     return _crop_stream(shards, crops_per_study, min_crops_per_epoch, sampler, read_cpus)
 
 

@@ -18,13 +18,14 @@ MAX_CENTRES_PER_CLASS = 2000
 """Candidate centres kept per class (a fixed-stride subsample of the class's voxels in C order)."""
 
 
-def class_centres(label: np.ndarray, num_classes: int = 12, max_per_class: int = MAX_CENTRES_PER_CLASS,
+def class_centres(label: np.ndarray, num_classes: int | None = None, max_per_class: int = MAX_CENTRES_PER_CLASS,
                   include_background: bool = True) -> dict[int, np.ndarray]:
     """Voxel indices of every class present in `label`, subsampled with a fixed stride.
 
     Args:
         label: (Z, Y, X) integer class map with values in [0, num_classes).
-        num_classes: number of classes; a larger value in `label` raises ValueError.
+        num_classes: number of classes of the label set; a larger value in `label` raises ValueError. None: the
+            largest value present + 1 (no check).
         max_per_class: at most this many indices per class: of a class's M voxels (C order) every
             ceil(M / max_per_class)-th is kept, so the subsample is deterministic and spread over the whole
             structure (both kidneys, every lesion), and the cost stays one pass over the volume plus one pass
@@ -37,6 +38,8 @@ def class_centres(label: np.ndarray, num_classes: int = 12, max_per_class: int =
     if label.ndim != 3:
         raise ValueError(f"label must be (Z, Y, X), got shape {label.shape}")
     flat = label.reshape(-1)
+    if num_classes is None:
+        num_classes = int(flat.max(initial=0)) + 1
     counts = np.bincount(flat, minlength=num_classes)
     if counts.size > num_classes:
         raise ValueError(f"label has class {counts.size - 1}, expected classes 0..{num_classes - 1}")
@@ -60,7 +63,7 @@ def _thin(flat_index: np.ndarray, limit: int, shape: tuple[int, ...]) -> np.ndar
 
 
 def sample_seg_crops(image: np.ndarray, label: np.ndarray, roi: tuple[int, int, int], n: int,
-                     rng: np.random.Generator, class_balanced: bool = True, num_classes: int = 12,
+                     rng: np.random.Generator, class_balanced: bool = True, num_classes: int | None = None,
                      background_prob: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     """n paired crops of the same windows of `image` and `label`.
 
@@ -75,7 +78,7 @@ def sample_seg_crops(image: np.ndarray, label: np.ndarray, roi: tuple[int, int, 
             present) a uniformly random window; otherwise a foreground class uniformly among those present, then a
             random voxel of it (from `class_centres`) as the crop centre, the window shifted to lie inside the
             volume. False: uniformly random windows.
-        num_classes: classes in `label` (values must be < num_classes).
+        num_classes: classes of the label set (values of `label` must be < num_classes); None: not checked.
         background_prob: share of uniform crops when class_balanced.
 
     Returns:
@@ -114,7 +117,7 @@ def pad_to_roi(image: np.ndarray, label: np.ndarray, roi: tuple[int, int, int]) 
 
 
 def _balanced_starts(label: np.ndarray, roi: tuple[int, int, int], n: int, rng: np.random.Generator,
-                     num_classes: int, background_prob: float) -> np.ndarray:
+                     num_classes: int | None, background_prob: float) -> np.ndarray:
     """(n, 3) window starts: uniform with probability background_prob, else centred on a random class voxel."""
     starts = crop_starts(label.shape, roi, n, rng)  # the uniform ones; overwritten where a class is drawn
     centres = class_centres(label, num_classes, include_background=False)

@@ -7,7 +7,7 @@ that were prepared successfully: the earlier snapshot of a growing collection, t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -26,6 +26,9 @@ class StudyRef:
     """Absolute path of the one-study Parquet shard."""
     shape: tuple[int, int, int]
     labeled: bool
+    label_voxels: dict[str, int] | None = field(default=None, compare=False, hash=False)
+    """Voxels per class name of the study's label (the manifest's `label_voxels`), None when the manifest predates
+    it (then readers look at the shard)."""
 
 
 def read_manifest(root: str | Path) -> list[dict]:
@@ -61,7 +64,7 @@ def select_studies(root: str | Path, cohort: str = "unlabeled", subset: str | in
             raise DataError(f"data.subset={limit} but {root} has only {len(rows)} prepared {cohort!r} studies")
         rows = rows[:limit]
     refs = [StudyRef(r["study_id"], r["cohort"], r["order"], str(root / r["shard"]), tuple(r["shape"]),
-                     bool(r.get("labeled"))) for r in rows]
+                     bool(r.get("labeled")), r.get("label_voxels")) for r in rows]
     missing = [ref.shard for ref in refs if not Path(ref.shard).exists()]
     if missing:
         raise DataError(f"{len(missing)} shards listed in the manifest are missing, e.g. {missing[0]}")

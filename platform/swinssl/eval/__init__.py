@@ -1,6 +1,12 @@
-"""Evaluation of the 12-class fine-tuning: per-class and lesion-wise metrics, cross-validation folds.
+"""Evaluation of segmentation fine-tuning for any label set: metric families, cross-validation folds, inference and
+the figures.
 
-Pure NumPy/SciPy functions on integer label volumes (z, y, x); no torch, Ray or MLflow here.
-`metrics` holds Dice, aggregation and autoPET-style lesion detection; `folds` the deterministic
-lesion-stratified k-fold split of the labelled studies.
+- `metrics`: pure NumPy/SciPy per-study metrics (Dice, autoPET-style lesion detection, HD95 via MONAI).
+- `families`: the registry of metric families; `study_metrics` returns `{family: {key: value}}` (see there for the
+  families, their fold aggregation and MLflow names); `summary`: fold and cross-validation summaries of them.
+- `folds`: the deterministic, lesion-stratified k-fold split of the labelled studies.
+- `infer`: sliding-window inference and prediction files; `plots`: overlays and Dice bars; `evaluate`: one fold
+  with a built model; `tables`: the Dice table of `swinssl finetune` / `swinssl report`.
+
+`eval` depends on no training or tuning code (train/finetune.py loads checkpoints and calls it).
 """

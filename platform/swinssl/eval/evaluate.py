@@ -1,52 +1,50 @@
-"""Evaluate one fold: sliding-window inference over each validation study, predictions on the PET grid, Dice per
-class and lesion detection. Runs as a Ray task (with a GPU when training used one), so the driver stays light."""
+"""Evaluate one fold with a built model: sliding-window inference over each validation study, predictions on the PET
+grid, the enabled metric families (see `families`) and a few overlays.
+
+The model comes from the caller (train/finetune.py loads the fold's checkpoint inside a Ray task and calls
+`evaluate_studies`), so evaluation depends on no training code.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+import torch
+from torch import nn
 
-from .metrics import dice_per_class, lesion_metrics, mean_dice
+from petct.labels import LabelSet
+from petct.shards import read_shard
 
-LESION = 11
+from ..config import EvalConfig
+from .families import study_metrics
+from .infer import predict_volume, save_prediction
+from .plots import overlay_png
+
+__all__ = ["evaluate_studies", "study_metrics"]
 
 
-def study_metrics(prediction: np.ndarray, label: np.ndarray, spacing_xyz: tuple[float, float, float]) -> dict:
-    """Everything reported for one study; recomputable from predictions/<id>.nii.gz and the study's label."""
-    per_class = dice_per_class(prediction, label)
-    lesions = lesion_metrics(prediction == LESION, label == LESION, tuple(spacing_xyz[::-1]))
-    return {"dice": {str(c): v for c, v in per_class.items()}, "dice_mean": mean_dice(per_class), "lesion": lesions}
+def evaluate_studies(model: nn.Module, shards: Sequence[str], labels: LabelSet, roi: Sequence[int],
+                     eval_cfg: EvalConfig, output_dir: str | Path, device: torch.device | str = "cpu",
+                     amp: bool = False) -> list[dict]:
+    """Predict every study, write `predictions/<id>.nii.gz` (+ `overlays/<id>.png` for the first `eval.overlays`).
 
-
-def evaluate_fold(checkpoint_dir: str, shards: list[str], cfg_dict: dict[str, Any], output_dir: str,
-                  overlays: int = 0) -> list[dict]:
-    """Load the fold's final weights, predict every validation study, write predictions (+ a few overlays)."""
-    import torch
-
-    from petct.shards import read_shard
-
-    from ..config import FinetuneConfig, from_dict
-    from ..tasks.segment import SegmentationTask
-    from ..train.checkpoint import load_state
-    from .infer import overlay_png, predict_volume, save_prediction
-
-    cfg = from_dict(cfg_dict, FinetuneConfig)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.use_gpu else "cpu")
-    model = SegmentationTask(cfg, None).build_model()
-    model.load_state_dict(load_state(checkpoint_dir)["model"])
-    model.to(device).eval()
+    Returns:
+        one row per study: {"study_id": id, "metrics": {family: {key: value}}} (families of `eval_cfg.metrics`).
+    """
     out = Path(output_dir)
+    model.eval()
     rows = []
     for index, path in enumerate(shards):
         study = read_shard(Path(path))
-        prediction = predict_volume(model, torch.from_numpy(study.image), tuple(cfg.data.roi),
-                                    num_classes=cfg.model.out_channels, sw_batch_size=cfg.eval.sw_batch_size,
-                                    overlap=cfg.eval.overlap, mode=cfg.eval.mode,
-                                    crop_to_body=cfg.eval.crop_to_body, device=device, amp=cfg.trainer.amp != "none")
+        if study.label is None:
+            raise ValueError(f"shard {path} (study {study.study_id!r}) has no label: only labelled studies are scored")
+        prediction = predict_volume(model, torch.from_numpy(study.image), tuple(roi), num_classes=labels.num_classes,
+                                    sw_batch_size=eval_cfg.sw_batch_size, overlap=eval_cfg.overlap,
+                                    mode=eval_cfg.mode, crop_to_body=eval_cfg.crop_to_body, device=device, amp=amp)
         save_prediction(study, prediction, out / "predictions" / f"{study.study_id}.nii.gz")
-        if index < overlays:
-            overlay_png(study, prediction, out / "overlays" / f"{study.study_id}.png", title=study.study_id)
-        rows.append({"study_id": study.study_id, **study_metrics(prediction, study.label, study.spacing)})
+        if index < eval_cfg.overlays:
+            overlay_png(study, prediction, out / "overlays" / f"{study.study_id}.png", labels, title=study.study_id)
+        rows.append({"study_id": study.study_id,
+                     "metrics": study_metrics(prediction, study.label, study.spacing, labels, eval_cfg.metrics)})
     return rows

@@ -12,6 +12,9 @@ Empty-class rule of every Dice here (per class and lesion-wise):
 - class absent in truth but predicted -> 0.0 (false positives are penalised).
 - class present in truth but absent from the prediction -> 0.0.
 
+HD95 (`hd95_per_class`): per class, the 95th percentile of the symmetric surface distance in mm (MONAI); NaN
+unless the class is present in both truth and prediction.
+
 Lesion-wise detection follows the autoPET challenge: connected components of the truth and of
 the predicted lesion masks (26-connected by default); a truth lesion is detected when any of its
 voxels is predicted lesion; a predicted component is a false positive when it touches no truth
@@ -21,12 +24,13 @@ lesion voxel. Volumes are in mL: voxel volume = prod(spacing_mm) / 1000.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["dice_per_class", "mean_dice", "aggregate", "fold_summary", "lesion_metrics"]
+__all__ = ["dice_per_class", "mean_dice", "aggregate", "fold_summary", "lesion_metrics", "hd95_per_class"]
 
 
 def _dice(intersection: int, truth_size: int, pred_size: int) -> float:
@@ -37,13 +41,14 @@ def _dice(intersection: int, truth_size: int, pred_size: int) -> float:
     return 2.0 * intersection / denom
 
 
-def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int = 12) -> dict[int, float]:
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int | None = None) -> dict[int, float]:
     """Dice of each foreground class 1..num_classes-1 for one study.
 
     Args:
         pred: integer label volume, any shape (typically (Z, Y, X)), values in [0, num_classes).
         truth: integer label volume of the same shape and value range.
-        num_classes: number of classes including background 0.
+        num_classes: number of classes including background 0 (the label set's `num_classes`); None: the
+            largest label present + 1 (at least 2).
 
     Returns:
         {class: dice} for classes 1..num_classes-1, each in [0, 1] or NaN (see the module's
@@ -56,6 +61,8 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int = 12) -
     truth = np.asarray(truth)
     if pred.shape != truth.shape:
         raise ValueError(f"pred shape {pred.shape} != truth shape {truth.shape}")
+    if num_classes is None:
+        num_classes = max(2, int(max(pred.max(initial=0), truth.max(initial=0))) + 1)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     for name, arr in (("pred", pred), ("truth", truth)):
@@ -144,7 +151,7 @@ def lesion_metrics(
     """autoPET-style lesion-wise detection and false-positive/negative volumes for one study.
 
     Args:
-        pred_lesion: (Z, Y, X) bool mask of voxels predicted as lesion (e.g. `pred == LESION`).
+        pred_lesion: (Z, Y, X) bool mask of voxels predicted as lesion (e.g. `pred == labels.lesion`).
         truth_lesion: (Z, Y, X) bool mask of truth lesion voxels, same shape.
         spacing_zyx: voxel size in mm in array order (z, y, x), e.g. (3.0, 4.07, 4.07).
         connectivity: neighbourhood of the connected components, as in
@@ -209,3 +216,37 @@ def lesion_metrics(
         "pred_count": int(pred_count),
         "lesion_dice": _dice(intersection, int(truth.sum()), int(pred.sum())),
     }
+
+
+def hd95_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int,
+                   spacing_zyx: tuple[float, float, float]) -> dict[int, float]:
+    """95th-percentile Hausdorff distance (mm) of each foreground class 1..num_classes-1 for one study.
+
+    MONAI `compute_hausdorff_distance(percentile=95, spacing=spacing_zyx)` on the class's binary masks: the larger
+    of the two directed 95th percentiles of the surface-to-surface distances. NaN when the class is absent from
+    truth or prediction (no finite distance exists; `dice_per_class` already scores that case 0 or NaN).
+
+    Args:
+        pred, truth: (Z, Y, X) integer label volumes of the same shape, values in [0, num_classes).
+        num_classes: number of classes including background 0.
+        spacing_zyx: voxel size in mm in array order (z, y, x).
+    """
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape or pred.ndim != 3:
+        raise ValueError(f"pred {pred.shape} and truth {truth.shape} must be (Z, Y, X) volumes of the same shape")
+    out: dict[int, float] = {}
+    for c in range(1, num_classes):
+        p, t = pred == c, truth == c
+        if not (p.any() and t.any()):
+            out[c] = math.nan
+            continue
+        with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal use of a deprecated argument
+            warnings.simplefilter("ignore", FutureWarning)
+            value = compute_hausdorff_distance(torch.from_numpy(p)[None, None], torch.from_numpy(t)[None, None],
+                                               include_background=True, percentile=95,
+                                               spacing=[float(s) for s in spacing_zyx])
+        out[c] = float(value.reshape(-1)[0])
+    return out

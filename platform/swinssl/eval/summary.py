@@ -1,47 +1,42 @@
-"""Fold and cross-validation summaries written to metrics.json (plain JSON values; NaN as null)."""
+"""Fold and cross-validation summaries of metric families (see `families`), written to metrics.json (plain JSON
+values; NaN as null) and logged to MLflow. Every function iterates the families it is given; a family that is not
+registered in `families.FAMILIES` raises instead of being dropped."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
-from petct.labels import CLASSES
-
-from .metrics import aggregate, fold_summary
-
-LESION_COUNTS = ("tp", "fp", "fn", "truth_count", "pred_count")
-LESION_VOLUMES = ("fp_volume_ml", "fn_volume_ml")
+from .families import Values, family, metric_name
+from .metrics import fold_summary
 
 
-def _int_keys(dice: dict[str, float]) -> dict[int, float]:
-    return {int(k): (math.nan if v is None else v) for k, v in dice.items()}
+def fold_metrics(rows: list[dict[str, Values]]) -> dict[str, Values]:
+    """One fold from its studies' `study_metrics`: each family's own `fold` aggregation."""
+    if not rows:
+        raise ValueError("fold_metrics needs at least one study")
+    names = list(dict.fromkeys(n for r in rows for n in r))
+    return {n: family(n).fold([r[n] for r in rows if n in r]) for n in names}
 
 
-def fold_metrics(rows: list[dict]) -> dict:
-    """One fold: mean Dice per class over its validation studies (NaN-aware), their mean, lesion totals."""
-    agg = aggregate([_int_keys(r["dice"]) for r in rows])
-    lesion = {k: int(sum(r["lesion"][k] for r in rows)) for k in LESION_COUNTS}
-    lesion.update({k: float(sum(r["lesion"][k] for r in rows)) for k in LESION_VOLUMES})
-    lesion["lesion_dice"] = fold_summary([r["lesion"]["lesion_dice"] for r in rows])["mean"]
-    return {"studies": [r["study_id"] for r in rows], "dice_mean": agg["dice_mean"],
-            "per_class": {str(c): v for c, v in agg["per_class"].items()}, "lesion": lesion}
+def cv_summary(folds: Sequence[dict[str, Values]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{family: {key: {"mean", "std"}}} over folds (std is over folds, not studies; NaN folds skipped)."""
+    names = list(dict.fromkeys(n for f in folds for n in f))
+    out = {}
+    for n in names:
+        family(n)
+        keys = list(dict.fromkeys(k for f in folds for k in f.get(n, {})))
+        out[n] = {k: fold_summary([_nan(f.get(n, {}).get(k)) for f in folds]) for k in keys}
+    return out
 
 
-def cv_summary(folds: dict[str, dict]) -> dict:
-    """Mean and std across folds of the fold-level numbers (std is over folds, not studies)."""
-    classes = sorted({c for f in folds.values() for c in f["per_class"]}, key=int)
-    keys = (*LESION_COUNTS, *LESION_VOLUMES, "lesion_dice")
-    return {
-        "dice_mean": fold_summary([f["dice_mean"] for f in folds.values()]),
-        "per_class": {c: fold_summary([f["per_class"].get(c, math.nan) for f in folds.values()]) for c in classes},
-        "lesion": {k: fold_summary([f["lesion"][k] for f in folds.values()]) for k in keys},
-    }
+def _nan(value) -> float:
+    return math.nan if value is None else float(value)
 
 
-def flat_metrics(summary: dict) -> dict[str, float]:
-    """MLflow metric names: dice_mean, dice/<class name>, lesion/<key> (means across folds)."""
-    out = {"dice_mean": summary["dice_mean"]["mean"]}
-    out.update({f"dice/{CLASSES[int(c)]}": v["mean"] for c, v in summary["per_class"].items()})
-    out.update({f"lesion/{k}": v["mean"] for k, v in summary["lesion"].items()})
+def flat_metrics(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """MLflow metrics of a `cv_summary`: the mean across folds of every key of every family (NaN left out)."""
+    out = {metric_name(n, k): v["mean"] for n, keys in summary.items() for k, v in keys.items()}
     return {k: v for k, v in out.items() if v is not None and not math.isnan(v)}
 
 

@@ -1,6 +1,7 @@
-"""Contrastive pretext loss: SimCLR NT-Xent, optionally with negatives gathered from every rank (REFERENCE.md §2).
+"""Contrastive pretext loss: SimCLR NT-Xent, optionally with negatives gathered from every rank.
 
-The reference computes NT-Xent per GPU, so with 2 crops per GPU each anchor sees only 2 negatives.
+The SwinUNETR pretraining (Tang et al., CVPR 2022; Project-MONAI/research-contributions, SwinUNETR/Pretrain) computes
+NT-Xent (temperature 0.5) per GPU, so with 2 crops per GPU each anchor sees only 2 negatives.
 `contrastive_loss(gather=True)` keeps each rank's anchors local but scores them against the views of
 ALL ranks, so the number of negatives grows with the cluster.
 

@@ -1,4 +1,8 @@
-"""Inpainting (reconstruction) pretext loss: L1 between the decoder output and the uncut crop (REFERENCE.md §2)."""
+"""Inpainting (reconstruction) pretext loss: L1 between the decoder output and the rotated, uncut crop.
+
+The SwinUNETR pretraining (Tang et al., CVPR 2022; Project-MONAI/research-contributions, SwinUNETR/Pretrain) averages
+over the whole volume, not only the cut-out holes; `holes_only` is the alternative.
+"""
 
 from __future__ import annotations
 

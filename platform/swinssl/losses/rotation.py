@@ -1,4 +1,5 @@
-"""Rotation pretext loss: 4-way classification of the number of quarter turns (REFERENCE.md §2)."""
+"""Rotation pretext loss: 4-way classification of the number of quarter turns applied to each view (as in the SwinUNETR
+pretraining of Tang et al., CVPR 2022; Project-MONAI/research-contributions, SwinUNETR/Pretrain)."""
 
 from __future__ import annotations
 

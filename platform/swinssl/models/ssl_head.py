@@ -1,4 +1,7 @@
-"""Swin encoder with the three pretext heads of Tang et al. (CVPR 2022): rotation, contrastive, reconstruction.
+"""Swin encoder plus the heads of the active pretext tasks (Tang et al., CVPR 2022: rotation, contrastive, inpainting).
+
+Which heads exist is decided by the caller (``swinssl.tasks.registry`` builds one per active task, under
+``heads.<task name>``); ``SSLModel(heads=None)`` builds the three classic heads (see :func:`classic_heads`).
 
 The encoder is MONAI's ``SwinTransformer`` built with exactly the arguments ``SwinUNETR`` uses for its ``swinViT``,
 and it is stored under the attribute name ``swinViT``: the encoder's ``state_dict`` keys are therefore identical to the
@@ -10,25 +13,29 @@ Differences from the reference pretraining head, on purpose:
 * Rotation and contrastive heads read a *globally average-pooled* bottleneck vector. The reference flattens the
   3x3x3 bottleneck tokens of a 96^3 crop and reads one of them, which ties the heads to that ROI; pooling works for any
   ROI whose sides are multiples of 32 (non-cubic included) and keeps the head shapes independent of the ROI.
-* The reconstruction decoder normalises with ``GroupNorm`` rather than ``InstanceNorm``: a 32-voxel ROI side gives a
-  one-voxel bottleneck, where instance normalisation raises in training mode (and would zero the features anyway).
+* The inpainting (reconstruction) decoder normalises with ``GroupNorm`` rather than ``InstanceNorm``: a 32-voxel ROI
+  side gives a one-voxel bottleneck, where instance normalisation raises in training mode (and would zero the
+  features anyway).
 * The decoder reconstructs all input channels (CT and PET), not a single CT channel.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from monai.networks.nets.swin_unetr import PatchMerging, SwinTransformer
 from monai.utils import ensure_tuple_rep, optional_import
 from torch import Tensor, nn
 
-__all__ = ["HEADS", "SSLModel", "check_input_shape", "ReconstructionDecoder"]
+__all__ = ["CLASSIC_HEADS", "PooledLinear", "SSLModel", "check_input_shape", "classic_heads", "ReconstructionDecoder"]
 
-#: Names of the heads :meth:`SSLModel.forward` can compute (also the keys of its output dict).
-HEADS: frozenset[str] = frozenset({"rotation", "contrastive", "reconstruction"})
+#: The heads every SSLModel had before heads came from the pretext registry, in their build order.
+CLASSIC_HEADS: tuple[str, ...] = ("rotation", "contrastive", "inpainting")
+#: State-dict prefixes of those heads in training checkpoints written before the registry (loaded transparently).
+_LEGACY_PREFIXES = {"rotation_head.": "heads.rotation.", "contrastive_head.": "heads.contrastive.",
+                    "reconstruction_head.": "heads.inpainting."}
 
 #: patch embedding (/2) followed by four patch-merging stages (/2 each): every spatial side must divide by 2**5.
 SPATIAL_DIVISOR = 32
@@ -107,12 +114,40 @@ class ReconstructionDecoder(nn.Module):
         return self.out(self.stages(x))
 
 
-class SSLModel(nn.Module):
-    """SwinUNETR encoder (``swinViT``) plus rotation, contrastive and reconstruction heads.
+class PooledLinear(nn.Linear):
+    """Linear head on the globally average-pooled bottleneck ``(B, W) -> (B, out_features)``.
 
-    ``forward`` returns a dict with the requested heads only, so that a head whose loss weight is 0 costs nothing.
-    Under DDP, a run that skips heads leaves their parameters without gradients: wrap with
-    ``find_unused_parameters=True`` (or ``static_graph=True`` when the head set is fixed for the run).
+    ``pooled_input = True`` tells :class:`SSLModel` to hand it the pooled vector, computed once for all such heads
+    (so two pooled heads back-propagate through one pooling, exactly as before heads were separate modules).
+    """
+
+    pooled_input = True
+
+
+def classic_heads(bottleneck_dim: int, in_channels: int, contrastive_dim: int = 512,
+                  spatial_dims: int = 3) -> dict[str, nn.Module]:
+    """The three heads of the reference pretraining, keyed like their pretext tasks, in :data:`CLASSIC_HEADS` order."""
+    return {"rotation": PooledLinear(bottleneck_dim, 4),
+            "contrastive": PooledLinear(bottleneck_dim, contrastive_dim),
+            "inpainting": ReconstructionDecoder(bottleneck_dim, in_channels, spatial_dims)}
+
+
+def _legacy_head_keys(state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: rename pre-registry head keys (``rotation_head.*`` ...) to ``heads.<task>.*``."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for old, new in _LEGACY_PREFIXES.items():
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                break
+
+
+class SSLModel(nn.Module):
+    """SwinUNETR encoder (``swinViT``) plus named pretext heads (``heads.<name>``) on its bottleneck.
+
+    ``forward`` returns a dict with the requested heads only; a task that is off has no head at all (the pretraining
+    task builds only the active ones), so no parameter is left without a gradient and DDP needs no
+    ``find_unused_parameters``.
     """
 
     def __init__(
@@ -126,6 +161,7 @@ class SSLModel(nn.Module):
         use_checkpoint: bool = False,
         contrastive_dim: int = 512,
         spatial_dims: int = 3,
+        heads: Callable[[int], Mapping[str, nn.Module]] | None = None,
     ) -> None:
         """
         Args:
@@ -136,8 +172,11 @@ class SSLModel(nn.Module):
             window_size: attention window (7 in the reference; must match the fine-tuning SwinUNETR).
             drop_path_rate: stochastic depth rate (SwinUNETR calls it ``dropout_path_rate``).
             use_checkpoint: gradient checkpointing inside the Swin blocks.
-            contrastive_dim: output dim of the contrastive projection.
+            contrastive_dim: output dim of the classic contrastive projection (only used when ``heads`` is None).
             spatial_dims: 3 (volumes) or 2.
+            heads: bottleneck width -> {name: head module}, built after the encoder (so a fixed seed gives the same
+                encoder init whatever the heads); None: :func:`classic_heads`. A head reads the bottleneck feature
+                map ``(B, width, d, h, w)``, or the pooled ``(B, width)`` when it has ``pooled_input = True``.
         """
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -154,7 +193,6 @@ class SSLModel(nn.Module):
         self.in_channels = in_channels
         self.feature_size = feature_size
         self.spatial_dims = spatial_dims
-        self.contrastive_dim = contrastive_dim
         self.bottleneck_dim = 16 * feature_size
         # Mirrors SwinUNETR.__init__'s SwinTransformer call argument by argument (its defaults: mlp_ratio 4,
         # qkv_bias, no dropout, LayerNorm, no patch norm, PatchMerging, v1 blocks) so the keys and shapes match.
@@ -177,9 +215,10 @@ class SSLModel(nn.Module):
             downsample=PatchMerging,
             use_v2=False,
         )
-        self.rotation_head = nn.Linear(self.bottleneck_dim, 4)
-        self.contrastive_head = nn.Linear(self.bottleneck_dim, contrastive_dim)
-        self.reconstruction_head = ReconstructionDecoder(self.bottleneck_dim, in_channels, spatial_dims)
+        built = heads(self.bottleneck_dim) if heads else classic_heads(self.bottleneck_dim, in_channels,
+                                                                      contrastive_dim, spatial_dims)
+        self.heads = nn.ModuleDict(dict(built))
+        self._register_load_state_dict_pre_hook(_legacy_head_keys)
 
     def bottleneck(self, x: Tensor) -> Tensor:
         """Last-stage feature map ``(B, 16F, D/32, H/32, W/32)``, layer-normalised as SwinUNETR consumes it."""
@@ -196,30 +235,31 @@ class SSLModel(nn.Module):
 
         Args:
             x: ``(B, C, D, H, W)`` with every spatial side a multiple of 32.
-            heads: subset of ``{"rotation", "contrastive", "reconstruction"}``; ``None`` means all. Heads not listed
-                are not computed (the reconstruction decoder, by far the most expensive head, is skipped entirely).
-                An empty set returns ``{}`` without running the encoder.
+            heads: names among the built heads; ``None`` means all. Heads not listed are not computed. An empty set
+                returns ``{}`` without running the encoder.
 
         Returns:
-            dict with the requested keys: ``rotation`` ``(B, 4)`` logits, ``contrastive`` ``(B, contrastive_dim)``
-            (not normalised; the loss does that), ``reconstruction`` ``(B, C, D, H, W)``.
+            {name: head output} for the requested heads, in build order (classic heads: ``rotation`` ``(B, 4)``
+            logits, ``contrastive`` ``(B, contrastive_dim)`` not normalised, ``inpainting`` ``(B, C, D, H, W)``).
         """
         if isinstance(heads, str):  # a bare "rotation" would otherwise iterate as characters
             heads = {heads}
-        wanted = HEADS if heads is None else frozenset(heads)
-        unknown = wanted - HEADS
+        wanted = set(self.heads) if heads is None else set(heads)
+        unknown = wanted - set(self.heads)
         if unknown:
-            raise ValueError(f"unknown head(s) {sorted(unknown)}; choose from {sorted(HEADS)}")
+            raise ValueError(f"unknown head(s) {sorted(unknown)}; this model has {list(self.heads)}")
         if not wanted:
             return {}
         feats = self.bottleneck(x)
+        pooled = None
         out: dict[str, Tensor] = {}
-        if wanted & {"rotation", "contrastive"}:
-            pooled = torch.flatten(feats, start_dim=2).mean(dim=2)  # global average over the bottleneck tokens
-            if "rotation" in wanted:
-                out["rotation"] = self.rotation_head(pooled)
-            if "contrastive" in wanted:
-                out["contrastive"] = self.contrastive_head(pooled)
-        if "reconstruction" in wanted:
-            out["reconstruction"] = self.reconstruction_head(feats)
+        for name, head in self.heads.items():
+            if name not in wanted:
+                continue
+            if getattr(head, "pooled_input", False):
+                if pooled is None:  # global average over the bottleneck tokens, shared by the pooled heads
+                    pooled = torch.flatten(feats, start_dim=2).mean(dim=2)
+                out[name] = head(pooled)
+            else:
+                out[name] = head(feats)
         return out

@@ -1,4 +1,6 @@
-"""Batch-vectorised pretext transforms: quarter-turn rotation and cutout (REFERENCE.md §2).
+"""Batch-vectorised pretext transforms: quarter-turn rotation and cutout, after the SwinUNETR pretraining (Tang et al.,
+CVPR 2022; Project-MONAI/research-contributions, SwinUNETR/Pretrain/utils/ops.py): one plane of quarter turns per
+sample, boxes of 5-25 % sides until ~30 % of the crop is dropped, filled with noise or another sample's content.
 
 All functions take a (B, C, D, H, W) batch and work on any device and floating dtype. Randomness comes
 only from the optional `generator`: numbers are drawn on the generator's device (x's device when no

@@ -14,11 +14,12 @@ from torch import Tensor, nn
 
 from ..config import FinetuneConfig
 from ..models.ssl_head import check_input_shape
+from .base import Task
 from .seg_augment import random_flip, random_intensity
 
 
-class SegmentationTask:
-    """Implements `tasks.base.Task` (plus named parameter groups) for fine-tuning."""
+class SegmentationTask(Task):
+    """Fine-tuning: named parameter groups "encoder" / "decoder" so the encoder can be frozen for a while."""
 
     def __init__(self, cfg: FinetuneConfig, encoder_path: str | None):
         check_input_shape(cfg.data.roi, cfg.model.feature_size)
@@ -38,9 +39,6 @@ class SegmentationTask:
 
             load_encoder_into_swinunetr(net, self.encoder_path)
         return net
-
-    def unused_parameters(self) -> bool:
-        return False
 
     def param_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
         encoder = {id(p) for p in model.swinViT.parameters()}

@@ -1,6 +1,6 @@
 """MLflow for swinssl runs: the driver opens (or reopens) the run; rank 0 logs metrics into it by id.
 
-Defaults (REFERENCE.md §5): `tracking.tracking_uri`, else MLFLOW_TRACKING_URI, else an absolute sqlite file next
+Defaults: `tracking.tracking_uri`, else MLFLOW_TRACKING_URI, else an absolute sqlite file next
 to the run folder (`sqlite:////abs/path/mlflow.db`). The run id is kept in `<output_dir>/mlflow_run.json`, so a
 resumed or re-submitted run keeps logging into the same MLflow run.
 """
@@ -13,6 +13,8 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from petct.shards import atomic_write_json
 
 from ..config import TrackingConfig
 
@@ -68,11 +70,8 @@ def open_run(uri: str, experiment: str, run_name: str, output_dir: str | Path, p
 def attach_run(output_dir: str | Path, uri: str, run_id: str, experiment: str) -> None:
     """Make a later `open_run(..., output_dir, ...)` log into an existing run instead of creating one (a sweep
     trial's fine-tuning logs its Dice into the trial run, its folds nest under it)."""
-    record = Path(output_dir) / RUN_FILE
-    record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, "experiment": experiment}))
-    os.replace(tmp, record)
+    atomic_write_json(Path(output_dir) / RUN_FILE, {"run_id": run_id, "tracking_uri": uri, "experiment": experiment},
+                      indent=None)
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:

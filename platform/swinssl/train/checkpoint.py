@@ -1,5 +1,6 @@
 """Training-state checkpoints: one `state.pt` (tensors and plain values only: `torch.load(weights_only=True)`)
-plus `meta.json` (step, model shape) that the driver reads to refuse a checkpoint of another model shape."""
+plus `meta.json` (step, model shape, active pretext heads: `launch.model_signature`) that the driver reads to refuse a
+checkpoint of another model before anything starts."""
 
 from __future__ import annotations
 

@@ -1,9 +1,15 @@
 """Driver of `swinssl finetune`: K-fold cross-validation of SwinUNETR on the labelled studies, each fold trained
 on Ray Train (same worker and loop as pretraining) and evaluated by a Ray task; results in metrics.json + MLflow.
 
-Outputs under `output_dir`: `config.yaml`, `folds.json` (the split), `fold_<k>/metrics.json` (one fold: resume
+Outputs under `output_dir`: `config.yaml` (resolved: `model.out_channels` is the label set's number of classes),
+`labels.json` (the label set of data.root), `folds.json` (the split), `fold_<k>/metrics.json` (one fold: resume
 marker), `ray/fold_<k>/checkpoint_*`, `predictions/<study>.nii.gz` (PET grid, as `swinssl export`), `overlays/`,
-`dice_per_class.png`, `metrics.json` (per fold, per study, per class, mean and std across folds).
+`dice_per_class.png`, `metrics.json`: `labels`, `metric_families`, then `{family: {key: value}}` per study
+(`studies`), per fold (`folds`) and mean/std across folds (`summary`); see swinssl.eval.families.
+
+The class set is data: every stage reads it from `labels.json` of data.root (`petct.labels.read_label_set`; the
+PSMA set when there is none). Folds are stratified on "has a lesion voxel" of the set's lesion class (from the
+manifest's `label_voxels`, else the shard); a set without a lesion class gives a plain seeded k-fold.
 """
 
 from __future__ import annotations
@@ -16,12 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, FinetuneConfig, flatten, save_config
+from petct.labels import LabelSet, LabelSetError, read_label_set, write_label_set
+from petct.shards import atomic_write_json, read_shard_row
+
+from ..config import ConfigError, FinetuneConfig, flatten, save_config, validate
 from ..data.studies import DataError, StudyRef, check_roi_fits, select_studies
+from ..eval.families import RESERVED_KEY, active
 from ..eval.folds import fold_train_val, kfold_split
 from ..eval.summary import cv_summary, flat_metrics, fold_metrics, jsonable
 from ..tasks.segment import SegmentationTask
-from .checkpoint import latest_checkpoint_dir, load_meta
+from .checkpoint import latest_checkpoint_dir, load_meta, load_state
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -34,19 +44,21 @@ class FinetuneResult:
     tracking_uri: str | None
 
 
-def _has_lesion(ref: StudyRef) -> bool:
-    import pyarrow.parquet as pq
+def _has_lesion(ref: StudyRef, labels: LabelSet) -> bool:
+    """Whether the study's truth holds the set's lesion class: the manifest's `label_voxels` when `prepare` wrote
+    them, else one read of the shard's label column. False for a set without a lesion class."""
+    if labels.lesion is None:
+        return False
+    if ref.label_voxels is not None:
+        return int(ref.label_voxels.get(labels.lesion_name, 0)) > 0
+    row = read_shard_row(ref.shard, ("label",))
+    return row["label"] is not None and bool((np.frombuffer(row["label"], np.uint8) == labels.lesion).any())
 
-    row = pq.read_table(ref.shard, columns=["label"]).to_pylist()[0]
-    return row["label"] is not None and bool((np.frombuffer(row["label"], np.uint8) == 11).any())
 
-
-def make_folds(cfg: FinetuneConfig, studies: list[StudyRef]) -> list[list[str]]:
-    if len(studies) < cfg.cv.folds:
-        raise DataError(f"the labelled cohort has {len(studies)} studies, fewer than cv.folds={cfg.cv.folds}")
-    if not -1 <= cfg.cv.fold < cfg.cv.folds:
-        raise ConfigError(f"cv.fold={cfg.cv.fold}: use -1 (all) or 0..{cfg.cv.folds - 1}")
-    return kfold_split([s.study_id for s in studies], [_has_lesion(s) for s in studies], cfg.cv.folds, cfg.cv.seed)
+def make_folds(cfg: FinetuneConfig, studies: list[StudyRef], labels: LabelSet) -> list[list[str]]:
+    """`cv.folds` folds stratified on lesion presence (plain seeded k-fold when the set has no lesion class)."""
+    flags = [_has_lesion(s, labels) for s in studies]
+    return kfold_split([s.study_id for s in studies], flags, cfg.cv.folds, cfg.cv.seed)
 
 
 def resolve_encoder(spec: str, uri: str | None, output_dir: Path) -> tuple[str | None, str]:
@@ -67,22 +79,63 @@ def resolve_encoder(spec: str, uri: str | None, output_dir: Path) -> tuple[str |
     raise ConfigError(f"encoder={spec!r} is neither an existing file nor an MLflow run id")
 
 
-def _validate(cfg: FinetuneConfig) -> tuple[list[StudyRef], Path]:
-    if not cfg.output_dir or not cfg.data.root:
-        raise ConfigError("output_dir and data.root are required")
-    studies = select_studies(cfg.data.root, "labeled", "all")
-    check_roi_fits(studies, cfg.data.roi)
-    return studies, Path(cfg.output_dir).resolve()
+def data_problems(cfg: FinetuneConfig) -> tuple[list[str], list[StudyRef], LabelSet | None]:
+    """Problems of the config against data.root ("key: problem"), the labelled studies and the label set."""
+    if not cfg.data.root:
+        return ["data.root: required (the output folder of `swinssl prepare`)"], [], None
+    try:
+        studies = select_studies(cfg.data.root, "labeled", "all")
+        labels = read_label_set(cfg.data.root)
+    except (DataError, LabelSetError) as exc:
+        return [f"data.root: {exc}"], [], None
+    problems = []
+    if len(studies) < cfg.cv.folds:
+        problems.append(f"cv.folds: {cfg.cv.folds} but data.root has only {len(studies)} prepared 'labeled' studies "
+                        f"(fewer than cv.folds={cfg.cv.folds})")
+    if cfg.model.out_channels not in (0, labels.num_classes):
+        problems.append(f"model.out_channels: {cfg.model.out_channels} but data.root's label set has "
+                        f"{labels.num_classes} classes {list(labels.names)}; use 0 (the label set's)")
+    if RESERVED_KEY in labels.names:
+        problems.append(f"data.root: class name {RESERVED_KEY!r} is reserved (the mean over classes); rename it")
+    try:
+        check_roi_fits(studies, cfg.data.roi)
+    except DataError as exc:
+        problems.append(f"data.roi: {exc}")
+    return problems, studies, labels
+
+
+def _validate(cfg: FinetuneConfig) -> tuple[list[StudyRef], Path, LabelSet]:
+    """One ConfigError listing every config and data problem; resolves `model.out_channels` (0 -> the label set's)."""
+    problems, studies, labels = data_problems(cfg)
+    if not cfg.output_dir:
+        problems.insert(0, "output_dir: required")
+    if labels is not None and cfg.model.out_channels == 0:
+        cfg.model.out_channels = labels.num_classes
+    validate(cfg, problems)
+    return studies, Path(cfg.output_dir).resolve(), labels
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(jsonable(data), indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, jsonable(data))
 
 
-def _train_fold(cfg, k, train_refs, output_dir, encoder_path, tracking) -> Path:
+def evaluate_checkpoint(checkpoint_dir: str, shards: list[str], cfg_dict: dict, labels_dict: dict,
+                        output_dir: str) -> list[dict]:
+    """The body of the evaluation Ray task: load a fold's final weights into a fresh model and evaluate it."""
+    import torch
+
+    from ..config import from_dict
+    from ..eval.evaluate import evaluate_studies
+
+    cfg = from_dict(cfg_dict, FinetuneConfig)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.use_gpu else "cpu")
+    model = SegmentationTask(cfg, None).build_model()
+    model.load_state_dict(load_state(checkpoint_dir)["model"])
+    return evaluate_studies(model.to(device), shards, LabelSet.from_dict(labels_dict), cfg.data.roi, cfg.eval,
+                            output_dir, device=device, amp=cfg.trainer.amp != "none")
+
+
+def _train_fold(cfg, k, train_refs, output_dir, encoder_path, tracking, labels: LabelSet) -> Path:
     """Fit fold k (resuming its own checkpoints) and return its final checkpoint folder."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -97,7 +150,7 @@ def _train_fold(cfg, k, train_refs, output_dir, encoder_path, tracking) -> Path:
         return latest
     dataset = seg_crop_dataset([s.shard for s in train_refs], tuple(cfg.data.roi), cfg.data.crops_per_study,
                                cfg.trainer.seed + k, cfg.data.class_balanced, cfg.data.read_cpus,
-                               cfg.data.min_crops_per_epoch)
+                               cfg.data.min_crops_per_epoch, num_classes=labels.num_classes)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"kind": "finetune", "cfg": asdict(cfg), "encoder_path": encoder_path,
@@ -112,21 +165,24 @@ def _train_fold(cfg, k, train_refs, output_dir, encoder_path, tracking) -> Path:
     return Path(trainer.fit().checkpoint.path)
 
 
-def _evaluate(cfg, checkpoint: Path, val_refs, output_dir) -> list[dict]:
+def _evaluate(cfg, checkpoint: Path, val_refs, output_dir, labels: LabelSet) -> list[dict]:
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from ..eval.evaluate import evaluate_fold
-
     # placement_group=None: inside a Tune trial the task must not be captured into the trial's 0.1-CPU bundle
-    task = ray.remote(evaluate_fold).options(
+    task = ray.remote(evaluate_checkpoint).options(
         num_cpus=cfg.eval.cpus, num_gpus=1 if cfg.trainer.use_gpu else 0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    return ray.get(task.remote(str(checkpoint), [s.shard for s in val_refs], asdict(cfg), str(output_dir),
-                               cfg.eval.overlays))
+    return ray.get(task.remote(str(checkpoint), [s.shard for s in val_refs], asdict(cfg), labels.to_dict(),
+                               str(output_dir)))
 
 
-def _run_fold(cfg, k, folds, by_id, output_dir, encoder_path, parent) -> dict:
+def _classes(labels: LabelSet) -> str:
+    """The foreground class names as one MLflow param (the sweep report reads its columns from it)."""
+    return json.dumps([labels.name(c) for c in labels.foreground])
+
+
+def _run_fold(cfg, k, folds, by_id, output_dir, encoder_path, parent, labels: LabelSet) -> dict:
     done = output_dir / f"fold_{k}" / "metrics.json"
     if done.exists():  # a finished fold is never redone
         return json.loads(done.read_text())
@@ -137,11 +193,13 @@ def _run_fold(cfg, k, folds, by_id, output_dir, encoder_path, parent) -> dict:
 
         child = {"uri": parent["uri"], "run_id": open_run(
             parent["uri"], cfg.tracking.experiment, f"{parent['name']} fold {k}", output_dir / f"fold_{k}",
-            {"fold": k, "n_train": len(train_ids), "n_val": len(val_ids)}, {"swinssl.kind": "finetune-fold"},
+            {"fold": k, "n_train": len(train_ids), "n_val": len(val_ids), "classes": _classes(labels)},
+            {"swinssl.kind": "finetune-fold"},
             parent_run_id=parent["run_id"])}
-    checkpoint = _train_fold(cfg, k, [by_id[i] for i in train_ids], output_dir, encoder_path, child)
-    rows = _evaluate(cfg, checkpoint, [by_id[i] for i in val_ids], output_dir)
-    result = {"fold": k, "metrics": fold_metrics(rows), "rows": rows}
+    checkpoint = _train_fold(cfg, k, [by_id[i] for i in train_ids], output_dir, encoder_path, child, labels)
+    rows = _evaluate(cfg, checkpoint, [by_id[i] for i in val_ids], output_dir, labels)
+    result = {"fold": k, "studies": [r["study_id"] for r in rows],
+              "metrics": fold_metrics([r["metrics"] for r in rows]), "rows": rows}
     if child:
         _log_fold(child, result["metrics"])
     _write_json(done, result)
@@ -151,14 +209,15 @@ def _run_fold(cfg, k, folds, by_id, output_dir, encoder_path, parent) -> dict:
 def _log_fold(child: dict, metrics: dict) -> None:
     from ..tracking.mlflow_run import MetricBuffer, finish_run
 
-    summary = cv_summary({"0": metrics})
+    summary = cv_summary([metrics])
     buffer = MetricBuffer(child["uri"], child["run_id"])
     buffer.log(flat_metrics(summary), step=0)
     buffer.flush()
     finish_run(child["uri"], child["run_id"])
 
 
-def _open_parent(cfg: FinetuneConfig, output_dir: Path, encoder_source: str, n_studies: int) -> dict | None:
+def _open_parent(cfg: FinetuneConfig, output_dir: Path, encoder_source: str, n_studies: int, labels: LabelSet
+                 ) -> dict | None:
     if not cfg.tracking.enabled:
         return None
     from ..tracking.mlflow_run import log_artifact, open_run, resolve_tracking_uri
@@ -166,7 +225,7 @@ def _open_parent(cfg: FinetuneConfig, output_dir: Path, encoder_source: str, n_s
     uri = resolve_tracking_uri(cfg.tracking, output_dir)
     name = cfg.tracking.run_name or cfg.name
     params = {**flatten(cfg), "encoder_source_run": encoder_source, "init": "pretrained" if cfg.encoder else
-              "scratch", "data.num_labeled": n_studies}
+              "scratch", "data.num_labeled": n_studies, "data.classes": _classes(labels)}
     run_id = open_run(uri, cfg.tracking.experiment, name, output_dir, params,
                       tags={"swinssl.kind": "finetune", "swinssl.init": params["init"]},
                       parent_run_id=os.environ.get("SWINSSL_PARENT_RUN_ID"))
@@ -174,26 +233,29 @@ def _open_parent(cfg: FinetuneConfig, output_dir: Path, encoder_source: str, n_s
     return {"uri": uri, "run_id": run_id, "name": name}
 
 
-def _report(cfg, output_dir: Path, folds_done: dict, encoder_path, encoder_source, parent) -> dict:
-    from ..eval.infer import dice_bar_chart
+def _report(cfg, output_dir: Path, folds_done: dict, encoder_path, encoder_source, parent, labels: LabelSet) -> dict:
+    from ..eval.plots import dice_bar_chart
 
-    studies = {r["study_id"]: {"fold": int(k), **{x: r[x] for x in ("dice", "dice_mean", "lesion")}}
-               for k, f in folds_done.items() for r in f["rows"]}
-    fold_level = {k: f["metrics"] for k, f in folds_done.items()}
-    summary = cv_summary(fold_level)
-    metrics = {"encoder": encoder_path or "", "encoder_source_run": encoder_source, "folds": fold_level,
+    studies = {r["study_id"]: {"fold": int(k), "metrics": r["metrics"]} for k, f in folds_done.items()
+               for r in f["rows"]}
+    fold_level = {k: {"studies": f["studies"], "metrics": f["metrics"]} for k, f in folds_done.items()}
+    summary = cv_summary([f["metrics"] for f in folds_done.values()])
+    metrics = {"labels": labels.to_dict(), "metric_families": active(cfg.eval.metrics, labels),
+               "encoder": encoder_path or "", "encoder_source_run": encoder_source, "folds": fold_level,
                "studies": studies, "summary": summary}
     _write_json(output_dir / "metrics.json", metrics)
     label = "pretrained" if encoder_path else "scratch"
-    chart = dice_bar_chart({label: {int(c): v["mean"] for c, v in summary["per_class"].items()}},
-                           output_dir / "dice_per_class.png", title=f"{cfg.name}: Dice per class (mean over folds)")
+    dice = {name: v["mean"] for name, v in summary.get("dice", {}).items() if name != RESERVED_KEY}
+    chart = dice_bar_chart({label: dice}, output_dir / "dice_per_class.png",
+                           [labels.name(c) for c in labels.foreground],
+                           title=f"{cfg.name}: Dice per class (mean over folds)")
     if parent:
         from ..tracking.mlflow_run import MetricBuffer, finish_run, log_artifact
 
         buffer = MetricBuffer(parent["uri"], parent["run_id"])
         buffer.log(flat_metrics(summary), step=0)
         buffer.flush()
-        for path in (output_dir / "metrics.json", chart):
+        for path in (output_dir / "metrics.json", output_dir / "labels.json", chart):
             log_artifact(parent["uri"], parent["run_id"], path)
         if (output_dir / "overlays").exists():
             log_artifact(parent["uri"], parent["run_id"], output_dir / "overlays", "overlays")
@@ -205,9 +267,10 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Cross-validated fine-tuning end to end (resumable fold by fold); see the module docstring for outputs."""
     from petct.raylocal import ensure_ray
 
-    studies, output_dir = _validate(cfg)
-    folds = make_folds(cfg, studies)
+    studies, output_dir, labels = _validate(cfg)
+    folds = make_folds(cfg, studies, labels)
     save_config(cfg, output_dir / "config.yaml")
+    write_label_set(labels, output_dir)
     _write_json(output_dir / "folds.json", {"seed": cfg.cv.seed, "folds": folds})
     uri_hint = None
     if cfg.tracking.enabled:
@@ -216,17 +279,17 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         uri_hint = resolve_tracking_uri(cfg.tracking, output_dir)
     encoder_path, encoder_source = resolve_encoder(cfg.encoder, uri_hint, output_dir)
     SegmentationTask(cfg, encoder_path).build_model()  # a mismatched encoder fails here, before any worker
-    parent = _open_parent(cfg, output_dir, encoder_source, len(studies))
+    parent = _open_parent(cfg, output_dir, encoder_source, len(studies), labels)
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2 * cfg.data.read_cpus)
     by_id = {s.study_id: s for s in studies}
     indices = range(cfg.cv.folds) if cfg.cv.fold == -1 else [cfg.cv.fold]
     try:
-        done = {str(k): _run_fold(cfg, k, folds, by_id, output_dir, encoder_path, parent) for k in indices}
+        done = {str(k): _run_fold(cfg, k, folds, by_id, output_dir, encoder_path, parent, labels) for k in indices}
     except Exception:
         if parent:
             from ..tracking.mlflow_run import finish_run
 
             finish_run(parent["uri"], parent["run_id"], "FAILED")
         raise
-    metrics = _report(cfg, output_dir, done, encoder_path, encoder_source, parent)
+    metrics = _report(cfg, output_dir, done, encoder_path, encoder_source, parent, labels)
     return FinetuneResult(output_dir, metrics, parent and parent["run_id"], parent and parent["uri"])

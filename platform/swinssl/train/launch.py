@@ -12,8 +12,10 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import ConfigError, PretrainConfig, flatten, save_config
-from ..data.studies import check_roi_fits, select_studies
+from ..config import ConfigError, PretrainConfig, flatten, save_config, validate
+from ..data.studies import DataError, check_roi_fits, select_studies
+from ..models.ssl_head import CLASSIC_HEADS
+from ..tasks import registry
 from ..tasks.pretrain import PretrainTask
 from .checkpoint import latest_checkpoint_dir, load_meta, load_state
 
@@ -30,33 +32,71 @@ class PretrainResult:
 
 
 def model_signature(cfg: PretrainConfig) -> dict:
-    """What a checkpoint must match to be resumed (weights of another shape cannot be loaded)."""
+    """What a checkpoint must match to be resumed: the encoder's shape and the active heads, in build order (the
+    model holds a head only for an active pretext task, so another head set cannot load its weights)."""
     return {"feature_size": cfg.model.feature_size, "in_channels": cfg.model.in_channels,
-            "contrastive_dim": cfg.model.contrastive_dim}
+            "contrastive_dim": cfg.model.contrastive_dim, "heads": [t.name for t in registry.active(cfg)]}
 
 
 def check_resumable(cfg: PretrainConfig, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run); ConfigError when it was trained with another model.
+
+    A checkpoint written before the head set was recorded has no "heads": such a model always held the three classic
+    heads (whatever their weights), and it loads into a model with exactly those heads (their keys are renamed on
+    load, in the same order, so the optimizer state lines up too); any other head set is refused.
+    """
     latest = latest_checkpoint_dir(output_dir / "ray" / cfg.name)
     if latest is None:
         return None
-    saved = {k: load_meta(latest).get(k) for k in model_signature(cfg)}
-    if saved != model_signature(cfg):
-        raise ConfigError(f"{latest} was trained with model {saved}, this config asks for {model_signature(cfg)}: "
-                          f"use another output_dir (or name) to start a new run")
+    meta, wanted = load_meta(latest), model_signature(cfg)
+    saved = {k: meta.get(k) for k in wanted}
+    if saved["heads"] is None:
+        saved["heads"] = list(CLASSIC_HEADS)
+    if saved != wanted:
+        differ = ", ".join(f"{k}: checkpoint {saved[k]} vs config {wanted[k]}" for k in wanted if saved[k] != wanted[k])
+        raise ConfigError(f"{latest} was trained with another model ({differ}); its weights cannot be resumed with "
+                          f"this config: use another output_dir (or name) to start a new run, or the checkpoint's "
+                          f"settings to resume it")
     return latest
 
 
+def _as_problem(key: str, exc: Exception) -> str:
+    message = str(exc)
+    return f"{key}: {message[len(key):].lstrip('= ') if message.startswith(key) else message}"
+
+
+def _data_problems(cfg: PretrainConfig, known: set[str]) -> tuple[list, list[str]]:
+    """(studies, problems): what the prepared data says about this config, as "key: problem" strings; keys already
+    found invalid by the config rules (`known`) are not looked up again."""
+    if not cfg.data.root or known & {"data.root", "data.subset", "data.cohort"}:
+        return [], []
+    try:
+        studies = select_studies(cfg.data.root, cfg.data.cohort, cfg.data.subset)
+    except DataError as exc:
+        key = next((k for k in ("subset", "cohort") if k in str(exc)), "root")
+        return [], [_as_problem(f"data.{key}", exc)]
+    if "data.roi" in known:
+        return studies, []
+    try:
+        check_roi_fits(studies, cfg.data.roi)
+    except DataError as exc:
+        return studies, [_as_problem("data.roi", exc)]
+    return studies, []
+
+
 def _validate(cfg: PretrainConfig) -> tuple[PretrainTask, list, Path]:
-    if not cfg.output_dir:
-        raise ConfigError("output_dir is required (e.g. output_dir=runs/pretrain)")
-    if not cfg.data.root:
-        raise ConfigError("data.root is required: the output folder of `swinssl prepare`")
-    if cfg.trainer.num_workers < 1:
-        raise ConfigError("trainer.num_workers must be >= 1")
-    task = PretrainTask(cfg)
-    studies = select_studies(cfg.data.root, cfg.data.cohort, cfg.data.subset)
-    check_roi_fits(studies, cfg.data.roi)
-    return task, studies, Path(cfg.output_dir).resolve()
+    """Every config and data problem at once (one ConfigError), before Ray starts."""
+    required = [f"{key}: required ({hint})" for key, hint in (
+        ("output_dir", "e.g. output_dir=runs/pretrain"), ("data.root", "the output folder of `swinssl prepare`"))
+        if not (cfg.output_dir if key == "output_dir" else cfg.data.root)]
+    try:
+        validate(cfg)
+        static = []
+    except ConfigError as exc:
+        static = exc.problems
+    studies, found = _data_problems(cfg, {p.split(":")[0] for p in static})
+    validate(cfg, extra=required + found)
+    return PretrainTask(cfg), studies, Path(cfg.output_dir).resolve()
 
 
 def scaling_config(cfg):
@@ -68,7 +108,7 @@ def scaling_config(cfg):
                                                **cfg.trainer.resources_per_worker})
 
 
-def build_trainer(cfg: PretrainConfig, studies: list, output_dir: Path, tracking: dict | None,
+def build_trainer(cfg: PretrainConfig, task: PretrainTask, studies: list, output_dir: Path, tracking: dict | None,
                   callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -82,7 +122,9 @@ def build_trainer(cfg: PretrainConfig, studies: list, output_dir: Path, tracking
     return TorchTrainer(
         train_worker,
         train_loop_config={"kind": "pretrain", "cfg": asdict(cfg), "tracking": tracking, "meta": model_signature(cfg),
-                           "chaos": chaos_config(cfg, output_dir)},
+                           "chaos": chaos_config(cfg, output_dir),
+                           # the workers are other processes: a task registered only here must travel with the run
+                           "pretext": registry.pack(task.tasks)},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(name=cfg.name, storage_path=str(output_dir / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
@@ -133,7 +175,7 @@ def _fit(cfg: PretrainConfig, task: PretrainTask, studies: list, output_dir: Pat
     # workers + their data tasks + Train's controller: on a small machine ask for enough logical CPUs
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2 * cfg.data.read_cpus)
     try:
-        result = build_trainer(cfg, studies, output_dir, tracking, callbacks).fit()
+        result = build_trainer(cfg, task, studies, output_dir, tracking, callbacks).fit()
     except Exception:
         if tracking:
             from ..tracking.mlflow_run import finish_run

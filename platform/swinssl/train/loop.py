@@ -79,12 +79,12 @@ def _batches(next_epoch: Callable[[int], Iterator[dict]], state: LoopState, mete
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, steps: int, task: Task | None = None):
-    """AdamW (no weight decay on norms and biases) + warm-up/cosine. A task may name parameter groups
-    (`param_groups(model) -> {name: params}`) and scale their lr per step (`lr_scale(name, step)`), e.g. to keep a
-    pretrained encoder fixed for the first steps."""
-    named = task.param_groups(model) if hasattr(task, "param_groups") else {"all": list(model.parameters())}
+    """AdamW (no weight decay on norms and biases) + warm-up/cosine. The task names parameter groups
+    (`param_groups`) and scales their lr per step (`lr_scale`), e.g. to keep a pretrained encoder fixed for the first
+    steps; no task: the `Task` defaults (one group at the scheduled lr)."""
+    task = task if task is not None else Task()
     groups = []
-    for name, params in named.items():
+    for name, params in task.param_groups(model).items():
         params = [p for p in params if p.requires_grad]
         groups += [{"params": [p for p in params if p.ndim > 1], "weight_decay": optim.weight_decay, "name": name},
                    {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "name": name}]
@@ -92,9 +92,7 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, steps: int, task: Task
     optimizer = torch.optim.AdamW(groups, lr=optim.lr)
 
     def factor(name: str):
-        scale = getattr(task, "lr_scale", None)
-        return lambda s: warmup_cosine(s, steps, optim.warmup_steps, optim.min_lr_ratio) * (scale(name, s) if scale
-                                                                                              else 1.0)
+        return lambda s: warmup_cosine(s, steps, optim.warmup_steps, optim.min_lr_ratio) * task.lr_scale(name, s)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(g["name"]) for g in groups])
     return optimizer, scheduler

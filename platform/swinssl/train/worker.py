@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import ray.train.torch
 from ray.train import Checkpoint
 
 from ..config import PretrainConfig, from_dict
+from ..tasks import registry
+from ..tasks.base import Task
 from ..tasks.pretrain import PretrainTask
 from . import loop
 
@@ -55,16 +58,32 @@ class RayHooks(loop.Hooks):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _build(config: dict[str, Any]):
-    """(config, task) of the run kind named in the loop config."""
-    if config["kind"] == "finetune":
-        from ..config import FinetuneConfig
-        from ..tasks.segment import SegmentationTask
-
-        cfg = from_dict(config["cfg"], FinetuneConfig)
-        return cfg, SegmentationTask(cfg, config.get("encoder_path"))
+def _pretrain_task(config: dict[str, Any]):
+    # the driver's active pretext entries (a task registered there, e.g. by a plugin or a test, is not in this process
+    # until unpacked: before from_dict, whose validation must know its loss.extra keys)
+    tasks = registry.unpack(config["pretext"]) if config.get("pretext") else None
     cfg = from_dict(config["cfg"], PretrainConfig)
-    return cfg, PretrainTask(cfg)
+    return cfg, PretrainTask(cfg, tasks)
+
+
+def _finetune_task(config: dict[str, Any]):
+    from ..config import FinetuneConfig
+    from ..tasks.segment import SegmentationTask
+
+    cfg = from_dict(config["cfg"], FinetuneConfig)
+    return cfg, SegmentationTask(cfg, config.get("encoder_path"))
+
+
+TASKS: dict[str, Callable[[dict[str, Any]], tuple[Any, Task]]] = {"pretrain": _pretrain_task,
+                                                                  "finetune": _finetune_task}
+"""Run kind (`kind` of the train loop config) -> builder of (config, task) from that loop config."""
+
+
+def _build(config: dict[str, Any]) -> tuple[Any, Task]:
+    kind = config["kind"]
+    if kind not in TASKS:
+        raise ValueError(f"unknown run kind {kind!r}; known: {sorted(TASKS)}")
+    return TASKS[kind](config)
 
 
 def train_worker(config: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..eval.infer import new_figure, save_png
+from ..eval.plots import new_figure, save_png
 from .space import SIZE_KEY
 
 if TYPE_CHECKING:
@@ -51,21 +51,22 @@ def dice_vs_size(settings: list[Setting], path: Path, title: str = "") -> Path:
 
 def per_class_gain(settings: list[Setting], path: Path, title: str = "") -> Path:
     """Grouped bars: Dice gain over the scratch baseline per foreground class, one colour per pretrained setting."""
-    from .report import FOREGROUND
+    from .report import class_names
 
+    classes = class_names(settings)
     scratch = next((s for s in settings if s.init == "scratch"), None)
     pretrained = [s for s in settings if s.init != "scratch"]
-    fig = new_figure(figsize=(max(8.0, 0.5 * len(FOREGROUND) * max(1, len(pretrained)) ** 0.5 + 3), 4.5))
+    fig = new_figure(figsize=(max(8.0, 0.5 * len(classes) * max(1, len(pretrained)) ** 0.5 + 3), 4.5))
     ax = fig.subplots()
-    x = np.arange(len(FOREGROUND))
+    x = np.arange(len(classes))
     width = 0.8 / max(1, len(pretrained))
     for row, s in enumerate(pretrained):
-        gains = np.array([s.class_mean(c) - (scratch.class_mean(c) if scratch else math.nan) for c in FOREGROUND])
+        gains = np.array([s.class_mean(c) - (scratch.class_mean(c) if scratch else math.nan) for c in classes])
         finite = np.isfinite(gains)
         ax.bar((x - 0.4 + width * (row + 0.5))[finite], gains[finite], width=width * 0.95, color=f"C{row}",
                label=s.name)
     ax.axhline(0.0, color="0.2", linewidth=0.8)
-    ax.set_xticks(x, FOREGROUND, rotation=35, ha="right", fontsize=8)
+    ax.set_xticks(x, classes, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("Dice gain over scratch")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)

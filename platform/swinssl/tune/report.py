@@ -7,6 +7,9 @@ std of its per-seed means (the draw-to-draw spread), `gain` its mean minus the s
 Writes into `out_dir` (and logs as artifacts `report/` of the sweep run): `report.md`, `report.csv`,
 `dice_vs_size.png` (Dice vs unlabelled-set size, one line per pretext setting, scratch as a band),
 `per_class_gain.png` (gain over scratch per class and setting).
+
+The classes are those the trials were fine-tuned on: each fold run's `classes` param (the label set's foreground
+names, in label order), else the `dice/<class>` metrics it holds (sorted by name).
 """
 
 from __future__ import annotations
@@ -20,10 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from petct.labels import CLASSES
-
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-FOREGROUND = CLASSES[1:]
 
 
 @dataclass
@@ -102,10 +102,25 @@ def collect(client, sweep_run_id: str) -> list[Setting]:
         folds = _children(client, experiment, trial.info.run_id, "finetune-fold")
         setting.fold_dice += [f.data.metrics.get("dice_mean", math.nan) for f in folds]
         setting.seed_means.append(_nanmean([f.data.metrics.get("dice_mean", math.nan) for f in folds]))
-        for name in FOREGROUND:
+        for name in _fold_classes(folds):
             setting.fold_class.setdefault(name, []).extend(f.data.metrics.get(f"dice/{name}", math.nan)
                                                            for f in folds)
     return list(settings.values())
+
+
+def _fold_classes(folds: list) -> list[str]:
+    """Class names of fold runs: their `classes` param, else their `dice/<class>` metric names."""
+    names: list[str] = []
+    for fold in folds:
+        param = fold.data.params.get("classes")
+        found = json.loads(param) if param else sorted(k[5:] for k in fold.data.metrics if k.startswith("dice/"))
+        names += [n for n in found if n not in names]
+    return names
+
+
+def class_names(settings: list[Setting]) -> list[str]:
+    """The report's classes: every class any setting was scored on, in first-seen (label) order."""
+    return list(dict.fromkeys(name for s in settings for name in s.fold_class))
 
 
 def _fmt(value: float, sign: bool = False) -> str:
@@ -123,7 +138,7 @@ def markdown(settings: list[Setting], title: str) -> str:
                      f"{_fmt(s.seed_std())} | {'-' if s is scratch else _fmt(s.mean() - base, sign=True)} |")
     lines += ["", "Per-class Dice (gain vs scratch):", "", "| class | " + " | ".join(s.name for s in settings) + " |",
               "|---|" + "---|" * len(settings)]
-    for name in FOREGROUND:
+    for name in class_names(settings):
         ref = scratch.class_mean(name) if scratch else math.nan
         cells = [_fmt(s.class_mean(name)) + ("" if s is scratch else f" ({_fmt(s.class_mean(name) - ref, True)})")
                  for s in settings]
@@ -134,8 +149,9 @@ def markdown(settings: list[Setting], title: str) -> str:
 def write_csv(settings: list[Setting], path: Path) -> Path:
     scratch = next((s for s in settings if s.init == "scratch"), None)
     keys = sorted({k for s in settings for k in s.values})
+    classes = class_names(settings)
     header = ["setting", "init", *keys, "n_unlabeled", "trials", "finished", "dice_mean", "dice_std", "seed_std",
-              "gain", *[f"dice/{c}" for c in FOREGROUND], *[f"gain/{c}" for c in FOREGROUND]]
+              "gain", *[f"dice/{c}" for c in classes], *[f"gain/{c}" for c in classes]]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
@@ -143,9 +159,9 @@ def write_csv(settings: list[Setting], path: Path) -> Path:
             gain = s.mean() - scratch.mean() if scratch and s is not scratch else math.nan
             writer.writerow([s.name, s.init, *[s.values.get(k, "") for k in keys], s.n_unlabeled, len(s.statuses),
                              s.statuses.count("FINISHED"), s.mean(), s.std(), s.seed_std(), gain,
-                             *[s.class_mean(c) for c in FOREGROUND],
+                             *[s.class_mean(c) for c in classes],
                              *[s.class_mean(c) - scratch.class_mean(c) if scratch and s is not scratch else math.nan
-                               for c in FOREGROUND]])
+                               for c in classes]])
     return path
 
 

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError, SampleSpec, SweepConfig, flatten
+from ..tasks import registry
 
-SHORT_NAMES = {"loss.w_rotation": "w_rot", "loss.w_contrastive": "w_con", "loss.w_inpainting": "w_inp",
-               "data.subset": "n"}
+SHORT_NAMES = {"data.subset": "n"}
+"""Short keys of trial names besides the pretext weights, whose short names the task registry declares."""
 FINETUNE_PREFIX = "finetune."
 SIZE_KEY = "data.subset"
 
@@ -44,7 +45,8 @@ class TrialSpec:
 
 
 def short_name(key: str) -> str:
-    return SHORT_NAMES.get(key, key.rsplit(".", 1)[-1])
+    """`loss.w_rotation` -> `w_rot` (registry), `data.subset` -> `n`, any other key -> its last part."""
+    return {**registry.short_names(), **SHORT_NAMES}.get(key, key.rsplit(".", 1)[-1])
 
 
 def _format(value: Any) -> str:

@@ -14,6 +14,8 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from petct.shards import atomic_write_json
+
 from ..config import ConfigError, SweepConfig, save_config
 from ..data.studies import check_roi_fits, select_studies
 from .space import TrialSpec, expand_trials
@@ -52,7 +54,7 @@ def resolve_stage_paths(cfg: SweepConfig, config_path: str | Path | None) -> Swe
 def _validate(cfg: SweepConfig, specs: list[TrialSpec], sweep_dir: Path) -> dict:
     """Build every trial's configs and check its data now, so a bad value fails before any trial is launched;
     returns the resources one trial holds at a time."""
-    from ..train.finetune import make_folds
+    from ..train.finetune import data_problems
 
     if not cfg.output_dir or not cfg.data.root:
         raise ConfigError("output_dir and data.root are required")
@@ -70,7 +72,9 @@ def _validate(cfg: SweepConfig, specs: list[TrialSpec], sweep_dir: Path) -> dict
                 check_roi_fits(studies, pretrain_cfg.data.roi)
             except ValueError as exc:
                 raise type(exc)(f"trial {spec.name!r}: {exc}") from None
-    make_folds(finetune_cfg, select_studies(cfg.data.root, "labeled", "all"))
+    problems = data_problems(finetune_cfg)[0]
+    if problems:
+        raise ConfigError("fine-tuning: " + "; ".join(problems), problems)
     return need
 
 
@@ -116,9 +120,7 @@ def _tuner(cfg: SweepConfig, specs: list[TrialSpec], ctx: dict, sweep_dir: Path,
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 def _check_trial_list(specs: list[TrialSpec], sweep_dir: Path, resume: bool) -> None:

@@ -88,10 +88,10 @@ def _execute(spec: TrialSpec, sweep: SweepConfig, trial_dir: Path, run_id: str |
     if run_id:
         mlflow_run.log_run_params(ctx["uri"], run_id, {"n_unlabeled": n_unlabeled})
         mlflow_run.attach_run(finetune_cfg.output_dir, ctx["uri"], run_id, ctx["experiment"])
-    summary = finetune(finetune_cfg).metrics["summary"]
+    dice = finetune(finetune_cfg).metrics["summary"]["dice"]  # {class name: {mean, std}, "mean": {mean, std}}
     return {"trial": spec.key, "name": spec.name, "setting": spec.setting, "init": spec.init, "seed": spec.seed,
             "values": spec.values, "n_unlabeled": n_unlabeled, "pretrain": pretrained, "run_id": run_id,
-            "dice_mean": summary["dice_mean"], "per_class": summary["per_class"]}
+            "dice_mean": dice["mean"], "per_class": {k: v for k, v in dice.items() if k != "mean"}}
 
 
 def tune_metrics(result: dict) -> dict[str, float]:

@@ -1,0 +1,260 @@
+"""The pretext-task registry: every self-supervised pretraining task is declared here, once, by name.
+
+A `PretextTask` named `<name>` is, everywhere in swinssl:
+
+* its head: a module `heads.<name>` of `SSLModel`, built only while the task is active, reading the encoder's
+  bottleneck feature map; its output is `model(x)["<name>"]`;
+* its loss: a pure tensor function in its own file under `swinssl/losses/`, adapted to `(head output, views, cfg)`;
+* its weight: `loss.w_<name>` (a `LossConfig` field for the built-in tasks) or `loss.extra.w_<name>` for a task
+  registered from outside the package; a weight of 0 (the default for an extra task) skips the head and its compute;
+* its metric: `loss_<name>` (MLflow, Ray Train results, sweep trial results as `pretrain/loss_<name>`);
+* its short name in sweep trial names (`w_rot=1 w_con=0.5`): `short`, default `w_<name>`.
+
+Built-in: `rotation` (4-way quarter-turn classification), `contrastive` (SimCLR NT-Xent between two views; the only
+task that needs the second view), `inpainting` (L1 reconstruction of the uncut crop), after Tang et al., "Self-
+Supervised Pre-Training of Swin Transformers for 3D Medical Image Analysis", CVPR 2022 (github.com/Project-MONAI/
+research-contributions, SwinUNETR/Pretrain).
+
+Adding a built-in task: its loss file under `losses/`, one `register(PretextTask(..., builtin=True))` at the end of
+this module, its `LossConfig` field `w_<name>` (and option fields), tests. Adding a task from a plugin or a test
+(no swinssl file changes): write its loss and head, then, before the config is loaded (loading validates it),
+
+    register(PretextTask("toy", head=lambda cfg, width: ToyHead(width), loss=toy_loss, options={"scale": 1.0}))
+
+and set `loss.extra.w_toy=1.0` (options: `loss.extra.toy_scale=2.0`, read with `option(cfg, "toy", "scale")`).
+Registration happens in the driver process; `train.launch` ships the active entries to the Ray Train workers
+(`pack`/`unpack`: cloudpickled by value, so the plugin module need not be importable there). The registry order is
+the order heads are built (and their parameters initialised); a checkpoint records its active heads in that order.
+
+`pretext_problems(cfg)` is the registry's part of `config.validate`: weights, unknown `loss.extra` keys, "nothing to
+train", and each active task's own rules (rotation: equal crop sides in its plane).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..losses.contrastive import contrastive_loss
+from ..losses.inpainting import inpainting_loss
+from ..losses.rotation import rotation_loss
+
+
+@dataclass(frozen=True)
+class Views:
+    """What the pretraining task hands every loss: the augmented views of one batch of B crops."""
+
+    cut: Tensor
+    """(V*B, C, D, H, W) the network input: rotated crops with cut-out holes; V = 2 when a task needs the pair."""
+    target: Tensor
+    """(V*B, C, D, H, W) the same rotated crops before the cutout (the inpainting target)."""
+    rotation: Tensor
+    """(V*B,) long: quarter turns applied to each view."""
+    holes: Tensor
+    """(V*B, 1, D, H, W) bool: True where the cutout dropped a voxel."""
+    copies: int
+    """V: 1, or 2 when the two views of each crop are stacked as [view 1; view 2]."""
+
+
+HeadFactory = Callable[[Any, int], nn.Module]
+"""(PretrainConfig, bottleneck width 16*feature_size) -> head module mapping the bottleneck (B, width, d, h, w) to
+its output; a module with `pooled_input = True` gets the globally average-pooled (B, width) instead."""
+LossFn = Callable[[Tensor, Views, Any], Tensor]
+"""(head output, views, PretrainConfig) -> scalar loss."""
+
+
+@dataclass(frozen=True)
+class PretextTask:
+    """One registry entry (see the module docstring for what its name binds)."""
+
+    name: str
+    """Identifier binding head, output key, weight, metric and trial name (see the module docstring)."""
+    head: HeadFactory
+    """Builds the task's head: (PretrainConfig, bottleneck width) -> module."""
+    loss: LossFn
+    """(head output, Views, PretrainConfig) -> scalar; the pure tensor maths lives in its own file under losses/."""
+    pair: bool = False
+    """True when the loss compares two views of each crop (the batch is then doubled)."""
+    short: str = ""
+    """Short name in sweep trial names; default `w_<name>`."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Defaults of the options an extra task reads from `loss.extra.<name>_<option>` (built-ins use LossConfig)."""
+    problems: Callable[[Any], list[str]] | None = None
+    """Task-specific config rules, checked only while the task is active: cfg -> ["key: problem", ...]."""
+    builtin: bool = False
+    """Weight and options are LossConfig fields (`loss.w_<name>`) instead of `loss.extra` entries."""
+
+    @property
+    def weight_key(self) -> str:
+        return f"loss.w_{self.name}" if self.builtin else f"loss.extra.w_{self.name}"
+
+    @property
+    def trial_name(self) -> str:
+        return self.short or f"w_{self.name}"
+
+
+_REGISTRY: dict[str, PretextTask] = {}
+
+
+def register(task: PretextTask, replace: bool = False) -> PretextTask:
+    """Add a task (after the ones already registered). A second task of the same name needs `replace=True`."""
+    if not task.name.isidentifier():
+        raise ValueError(f"pretext task name {task.name!r} must be a Python identifier (it becomes loss.w_<name>)")
+    if task.name in _REGISTRY and not replace:
+        raise ValueError(f"pretext task {task.name!r} is already registered")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def unregister(name: str) -> None:
+    """Remove a task (tests register temporary ones); built-ins cannot be removed."""
+    if name in _REGISTRY and _REGISTRY[name].builtin:
+        raise ValueError(f"{name!r} is a built-in pretext task")
+    _REGISTRY.pop(name, None)
+
+
+def registered() -> list[PretextTask]:
+    """Every task, in registration order (built-ins first)."""
+    return list(_REGISTRY.values())
+
+
+def weight(cfg: Any, task: PretextTask) -> float:
+    """The task's loss weight in a PretrainConfig (an extra task without a weight: 0, i.e. off)."""
+    if task.builtin:
+        return float(getattr(cfg.loss, f"w_{task.name}"))
+    return float(cfg.loss.extra.get(f"w_{task.name}", 0.0))
+
+
+def option(cfg: Any, name: str, key: str) -> Any:
+    """Option `key` of extra task `name`: `loss.extra.<name>_<key>`, else the default the entry declares."""
+    return cfg.loss.extra.get(f"{name}_{key}", _REGISTRY[name].options[key])
+
+
+def active(cfg: Any) -> list[PretextTask]:
+    """The tasks with a weight > 0, in registry order: the heads the model builds and the checkpoint records."""
+    return [t for t in _REGISTRY.values() if weight(cfg, t) > 0]
+
+
+def short_names() -> dict[str, str]:
+    """{dotted weight key: short trial-name key} of every registered task."""
+    return {t.weight_key: t.trial_name for t in _REGISTRY.values()}
+
+
+def _extra_problems(cfg: Any) -> list[str]:
+    valid = {}
+    for t in _REGISTRY.values():
+        if not t.builtin:
+            valid[f"w_{t.name}"] = t
+            valid.update({f"{t.name}_{o}": t for o in t.options})
+    problems = []
+    for key, value in cfg.loss.extra.items():
+        if key not in valid:
+            builtin = key.removeprefix("w_") in _REGISTRY and _REGISTRY[key.removeprefix("w_")].builtin
+            hint = f"use loss.{key}" if builtin else (
+                f"registered extra keys: {sorted(valid) or 'none'} (is the task's module imported?)")
+            problems.append(f"loss.extra.{key}: no registered pretext task reads it; {hint}")
+        elif key.startswith("w_") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            problems.append(f"loss.extra.{key}: a loss weight must be a number, got {value!r}")
+    return problems
+
+
+def pretext_problems(cfg: Any) -> list[str]:
+    """Every pretext-related problem of a PretrainConfig as "key: problem" strings (config.validate calls this)."""
+    problems = _extra_problems(cfg)
+    numeric = []
+    for t in _REGISTRY.values():
+        try:
+            w = weight(cfg, t)
+        except (TypeError, ValueError):
+            continue  # reported by _extra_problems
+        numeric.append(t)
+        if w < 0 and not t.builtin:  # config.validate's range rules cover the LossConfig fields
+            problems.append(f"{t.weight_key}: a loss weight must be >= 0, got {w}")
+    on = [t for t in numeric if weight(cfg, t) > 0]
+    if not on:
+        problems.append("loss: every pretext loss weight is 0, nothing to train; set one of "
+                        + ", ".join(f"{t.weight_key}" for t in _REGISTRY.values()) + " > 0")
+    for t in on:
+        problems += t.problems(cfg) if t.problems else []
+    return problems
+
+
+def pack(tasks: Sequence[PretextTask]) -> bytes:
+    """Cloudpickle entries for the Ray Train workers; plugin modules (outside swinssl) are pickled by value."""
+    import cloudpickle
+
+    modules = {getattr(f, "__module__", None) for t in tasks for f in (t.head, t.loss, t.problems) if f}
+    plugins = [sys.modules[m] for m in modules if m and m in sys.modules and m.split(".")[0] not in ("swinssl",
+                                                                                                      "__main__")]
+    for module in plugins:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps(list(tasks))
+    finally:
+        for module in plugins:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+def unpack(blob: bytes) -> list[PretextTask]:
+    """The entries `pack` shipped; the ones from outside swinssl are registered here too, so this process's config
+    validation (`from_dict`) knows their `loss.extra` keys."""
+    import pickle
+
+    tasks = pickle.loads(blob)
+    for task in tasks:
+        if not task.builtin:
+            register(task, replace=True)
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------- built-in tasks
+
+
+def _pooled_head(size: Callable[[Any], int]) -> HeadFactory:
+    def build(cfg: Any, width: int) -> nn.Module:
+        from ..models.ssl_head import PooledLinear
+
+        return PooledLinear(width, size(cfg))
+
+    return build
+
+
+def _inpainting_head(cfg: Any, width: int) -> nn.Module:
+    from ..models.ssl_head import ReconstructionDecoder
+
+    return ReconstructionDecoder(width, cfg.model.in_channels)
+
+
+def _rotation(out: Tensor, views: Views, cfg: Any) -> Tensor:
+    return rotation_loss(out, views.rotation)
+
+
+def _contrastive(out: Tensor, views: Views, cfg: Any) -> Tensor:
+    z1, z2 = out.chunk(2)
+    return contrastive_loss(z1, z2, cfg.loss.temperature, gather=cfg.loss.gather_contrastive)
+
+
+def _inpainting(out: Tensor, views: Views, cfg: Any) -> Tensor:
+    return inpainting_loss(out, views.target, views.holes, holes_only=cfg.loss.inpaint_holes_only)
+
+
+def _rotation_problems(cfg: Any) -> list[str]:
+    dims, roi = list(cfg.pretext.rotation_dims), list(cfg.data.roi)
+    if len(dims) != 2 or len({d % 3 for d in dims}) != 2 or any(not -3 <= d < 3 for d in dims):
+        return []  # config.validate reports a malformed rotation_dims (and random_rotation refuses it)
+    a, b = (d % 3 for d in dims)
+    if len(roi) == 3 and roi[a] != roi[b]:
+        return [f"pretext.rotation_dims: quarter turns in dims {dims} need equal crop sides there, data.roi is {roi} "
+                f"(make those sides equal or set loss.w_rotation=0)"]
+    return []
+
+
+register(PretextTask("rotation", _pooled_head(lambda cfg: 4), _rotation, short="w_rot", builtin=True,
+                     problems=_rotation_problems))
+register(PretextTask("contrastive", _pooled_head(lambda cfg: cfg.model.contrastive_dim), _contrastive, pair=True,
+                     short="w_con", builtin=True))
+register(PretextTask("inpainting", _inpainting_head, _inpainting, short="w_inp", builtin=True))
