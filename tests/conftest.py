@@ -46,8 +46,8 @@ def ray_session():
 
     if not ray.is_initialized():
         # address="local": a private instance even when another Ray runs on the machine (or left its address file)
-        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False,
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                 configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

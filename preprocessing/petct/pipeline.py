@@ -86,10 +86,17 @@ def load_sources(input_path: Path | str) -> list[StudySource]:
     input_path = Path(input_path).resolve()
     if input_path.is_dir():
         candidate = input_path / "cohort.csv"
-        return sources_from_csv(candidate) if candidate.exists() else sources_from_folder(input_path)
-    if not input_path.exists():
+        sources = sources_from_csv(candidate) if candidate.exists() else sources_from_folder(input_path)
+        looked = f"{candidate} (rows)" if candidate.exists() else \
+            f"{input_path}: study folders holding ct.nii.gz|ct/ and pet.nii.gz|pet/ (folders seen: " \
+            f"{sum(p.is_dir() for p in input_path.iterdir())})"
+    elif not input_path.exists():
         raise FileNotFoundError(f"input not found: {input_path}")
-    return sources_from_csv(input_path)
+    else:
+        sources, looked = sources_from_csv(input_path), f"{input_path} (rows)"
+    if not sources:  # a run that prepares nothing is a usage error, not a success
+        raise ValueError(f"no studies found in {input_path}: looked at {looked}")
+    return sources
 
 
 def _id_problems(sources: list[StudySource]) -> dict[int, tuple[str, str]]:

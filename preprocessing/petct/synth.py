@@ -247,6 +247,9 @@ def synth_cohort(out: Path, *, unlabeled: int, labeled: int, seed: int = 0, scal
     Study i of a cohort uses `study_seed(seed, labeled, i)`, so the cohort is reproducible whatever `workers`.
     The CSV lists labelled studies first, then unlabelled ones, each in index order.
     """
+    if unlabeled < 0 or labeled < 0 or unlabeled + labeled == 0:
+        raise ValueError(f"need unlabeled >= 0 and labeled >= 0 studies, at least one in all; got unlabeled="
+                         f"{unlabeled}, labeled={labeled}")
     phantom_label_lut(labels)  # a label set the phantom cannot paint fails before any study is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
