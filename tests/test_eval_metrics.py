@@ -294,11 +294,14 @@ def test_psma_metric_names_are_unchanged() -> None:
     assert set(flat) == expected
 
 
-def test_config_metric_names_are_the_registered_families() -> None:
-    from typing import get_args
+def test_eval_metrics_are_checked_against_the_registry() -> None:
+    from swinssl.config import EvalConfig, FinetuneConfig
+    from swinssl.train.finetune import metric_problems
 
-    from swinssl.config import EvalConfig, MetricName
-    from swinssl.eval.families import FAMILIES
-
-    assert set(get_args(MetricName)) == set(FAMILIES)  # eval.metrics accepts exactly what can be aggregated
     assert EvalConfig().metrics == ["dice", "lesion"]  # HD95 is off by default
+    cfg = FinetuneConfig()
+    cfg.eval.metrics = ["dice", "hd95"]
+    assert metric_problems(cfg) == []
+    cfg.eval.metrics = ["dice", "hd96", "nsd"]
+    (problem,) = metric_problems(cfg)
+    assert problem.startswith("eval.metrics:") and "['hd96', 'nsd']" in problem and "hd95" in problem

@@ -9,8 +9,10 @@
     swinssl report   --runs NAME=FINETUNE_DIR [NAME=FINETUNE_DIR ...]
     swinssl report   --sweep SWEEP_RUN_ID|SWEEP_NAME|SWEEP_DIR [--tracking-uri URI] [--out DIR]
 
-Exit codes: 0 success; 2 usage or config error; 3 `prepare` finished but at least one study failed (see the
-manifest), or `sweep` finished but at least one trial failed; 4 training failed after its retries.
+Exit codes: 0 success; 2 usage, config or input error (a bad key or value, a missing or unreadable file, data that
+cannot serve the config), found before any training starts, with a message naming the key or file; 3 `prepare`
+finished but at least one study failed (see the manifest), or `sweep` finished but at least one trial failed; 4
+`pretrain`/`finetune` training failed after its retries.
 """
 
 from __future__ import annotations
@@ -22,20 +24,24 @@ from pathlib import Path
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from petct.labels import PSMA, LabelSet
     from petct.synth import synth_cohort
 
+    labels = LabelSet.load(args.labels) if args.labels else PSMA
     csv_path = synth_cohort(Path(args.out), unlabeled=args.unlabeled, labeled=args.labeled, seed=args.seed,
-                            scale=args.scale, fmt=args.format, workers=args.workers)
+                            scale=args.scale, fmt=args.format, workers=args.workers, labels=labels)
     print(f"cohort written: {csv_path}")
     return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
     from petct.config import PrepareConfig, Window
+    from petct.labels import PSMA, LabelSet
     from petct.pipeline import prepare_cohort
 
+    labels = LabelSet.load(args.labels) if args.labels else PSMA  # a bad map file exits 2 before any study runs
     cfg = PrepareConfig(ct_window=Window.parse(args.ct_window), pet_window=Window.parse(args.pet_window),
-                        itk_threads=args.itk_threads, qc_png=not args.no_qc)
+                        itk_threads=args.itk_threads, qc_png=not args.no_qc, labels=labels)
     if args.no_registration:
         cfg = replace(cfg, registration=replace(cfg.registration, enabled=False))
     summary = prepare_cohort(args.input, args.out, cfg, workers=args.workers, progress=not args.quiet)
@@ -52,21 +58,42 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def input_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input, not a failed run: exit 2. ValueError covers ConfigError, DataError,
+    LabelSetError and the ValueErrors of driver-side checks (they all run before Ray starts training); OSError a
+    missing, unreadable or unwritable path; StudyError a study's input when a verb handles one study."""
+    from petct.errors import StudyError
+
+    return ValueError, KeyError, OSError, StudyError
+
+
+def _train(verb: str, run, cfg):
+    """`run(cfg)` -> (result, 0). An input error found by the driver propagates (main: exit 2); any other failure,
+    including an input-looking error raised inside a Ray task or worker (Ray re-raises it as a subclass of the
+    original type), means training itself failed: (None, 4)."""
+    try:
+        return run(cfg), 0
+    except input_errors() as exc:
+        if not type(exc).__module__.startswith("ray"):
+            raise
+        failure = exc
+    except Exception as exc:  # Ray's TrainingFailedError and friends: the config was fine, training was not
+        failure = exc
+    print(f"swinssl {verb}: training failed: {type(failure).__name__}: {str(failure).splitlines()[0][:500]}",
+          file=sys.stderr)
+    return None, 4
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from .config import PretrainConfig, load_config
+
+    # keys and types now, before importing Ray Train; `pretrain` validates the rest together with the data
+    cfg = load_config(args.config, args.overrides, PretrainConfig, check=False)
     from .train.launch import pretrain
 
-    cfg = load_config(args.config, args.overrides, PretrainConfig)
-    try:
-        result = pretrain(cfg)
-    except Exception as exc:  # Ray's TrainingFailedError and friends: the config was fine, training was not
-        from .config import ConfigError
-        from .data.studies import DataError
-
-        if isinstance(exc, (ConfigError, DataError)):
-            raise
-        print(f"swinssl pretrain: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 4
+    result, code = _train("pretrain", pretrain, cfg)
+    if code:
+        return code
     print(f"encoder: {result.encoder}")
     print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items()) if k.startswith("loss")))
     if result.run_id:
@@ -76,18 +103,14 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .config import ConfigError, FinetuneConfig, load_config
-    from .data.studies import DataError
+    from .config import FinetuneConfig, load_config
+
+    cfg = load_config(args.config, args.overrides, FinetuneConfig)  # before importing Ray Train
     from .train.finetune import finetune
 
-    cfg = load_config(args.config, args.overrides, FinetuneConfig)
-    try:
-        result = finetune(cfg)
-    except (ConfigError, DataError):
-        raise
-    except Exception as exc:
-        print(f"swinssl finetune: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 4
+    result, code = _train("finetune", finetune, cfg)
+    if code:
+        return code
     print(dice_table({cfg.name: result.metrics}))
     print(f"metrics: {result.output_dir / 'metrics.json'}")
     if result.run_id:
@@ -96,28 +119,19 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def dice_table(runs: dict[str, dict]) -> str:
-    """Markdown table: one column per run (mean +- std over folds), one row per class, then the mean."""
-    from petct.labels import CLASSES
+    """Markdown Dice table of metrics.json contents (classes from each run's label set); see eval/tables.py."""
+    from .eval.tables import dice_table as table
 
-    def cell(entry) -> str:
-        if not entry or entry.get("mean") is None:
-            return "n/a"
-        return f"{entry['mean']:.3f} +- {entry['std'] or 0:.3f}"
-
-    names = list(runs)
-    lines = ["| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for c in range(1, len(CLASSES)):
-        lines.append(f"| {CLASSES[c]} | " + " | ".join(cell(runs[n]["summary"]["per_class"].get(str(c)))
-                                                     for n in names) + " |")
-    lines.append("| **mean** | " + " | ".join(cell(runs[n]["summary"]["dice_mean"]) for n in names) + " |")
-    return "\n".join(lines)
+    return table(runs)
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from .config import SweepConfig, load_config
+
+    cfg = load_config(args.config, args.overrides, SweepConfig)  # before importing Ray Tune: errors come fast
     from .tune.sweep import EXIT_TRIALS_FAILED, resolve_stage_paths, sweep
 
-    cfg = resolve_stage_paths(load_config(args.config, args.overrides, SweepConfig), args.config)
+    cfg = resolve_stage_paths(cfg, args.config)
     result = sweep(cfg, resume=args.resume)
     for trial in result.trials:
         print(f"{trial['status']:9s} {trial['name']}" + (f"  ({trial['error']})" if trial["error"] else ""))
@@ -166,6 +180,14 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """argparse type of a study count: a non-negative integer (argparse turns the error into exit 2)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swinssl", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -173,12 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = verbs.add_parser("synth", help="write a synthetic PSMA PET/CT cohort")
     synth.add_argument("--out", required=True)
-    synth.add_argument("--unlabeled", type=int, default=4)
-    synth.add_argument("--labeled", type=int, default=2)
+    synth.add_argument("--unlabeled", type=_count, default=4, help="unlabelled studies (>= 0)")
+    synth.add_argument("--labeled", type=_count, default=2, help="labelled studies (>= 0)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--format", choices=("nifti", "dicom"), default="nifti")
     synth.add_argument("--scale", choices=("small", "full"), default="small")
     synth.add_argument("--workers", type=int, default=1, help="processes generating studies")
+    synth.add_argument("--labels", metavar="FILE", help="label map (YAML/JSON) the label volumes use: each phantom "
+                       "class of the same name gets its value, the others 0 (default: the 12 PSMA classes)")
     synth.set_defaults(run=_synth)
 
     prep = verbs.add_parser("prepare", help="register, resample, normalise and shard a cohort")
@@ -191,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--no-registration", action="store_true", help="resample with identity (scanner frame)")
     prep.add_argument("--no-qc", action="store_true", help="skip the per-study QC PNGs")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.add_argument("--labels", metavar="FILE", help="label map (YAML/JSON), e.g. {0: background, 1: lesion}; a "
+                      "label value outside it fails its study (default: the 12 PSMA classes)")
     prep.set_defaults(run=_prepare)
 
     export = verbs.add_parser("export", help="write a prepared study as NIfTI on the PET grid")
@@ -226,12 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_message(exc: BaseException) -> str:
+    """The one line (or, for several config problems, a count then one line per problem) shown for bad input."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])  # str(KeyError) would quote the message
+    return str(exc) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one verb; bad input exits 2 with `swinssl <verb>: error: ...` (no traceback), see the exit codes above."""
+    args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
     try:
         return args.run(args)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"swinssl {args.verb}: error: {exc}", file=sys.stderr)
+    except input_errors() as exc:
+        print(f"swinssl {args.verb}: error: {error_message(exc)}", file=sys.stderr)
         return 2
 
 

@@ -8,8 +8,7 @@ studies are combined (`fold`); across folds every key is summarised the same way
 12-class PSMA run keeps `dice_mean`, `dice/<class name>` and `lesion/<key>`.
 
 Adding a metric is two files: its per-study function (e.g. in `metrics.py`) and a `Family` entry in `FAMILIES`
-here, plus its name in the `config.MetricName` Literal that `eval.metrics` is validated against (config.py imports
-nothing of swinssl; tests/test_eval_metrics.py keeps the two lists equal). Aggregation, metrics.json and MLflow
+here (the fine-tuning driver validates `eval.metrics` against this registry). Aggregation, metrics.json and MLflow
 pick it up without further changes; a family in the results that is not registered here is an error
 (`summary.fold_metrics` / `cv_summary` raise), never silently dropped.
 

@@ -27,7 +27,7 @@ from petct.shards import atomic_write_json, read_shard_row
 
 from ..config import ConfigError, FinetuneConfig, flatten, save_config, validate
 from ..data.studies import DataError, StudyRef, check_roi_fits, select_studies
-from ..eval.families import RESERVED_KEY, active
+from ..eval.families import FAMILIES, RESERVED_KEY, active
 from ..eval.folds import fold_train_val, kfold_split
 from ..eval.summary import cv_summary, flat_metrics, fold_metrics, jsonable
 from ..tasks.segment import SegmentationTask
@@ -79,16 +79,24 @@ def resolve_encoder(spec: str, uri: str | None, output_dir: Path) -> tuple[str |
     raise ConfigError(f"encoder={spec!r} is neither an existing file nor an MLflow run id")
 
 
+def metric_problems(cfg: FinetuneConfig) -> list[str]:
+    """`eval.metrics` against the metric-family registry (the registry, not a config Literal, is the list)."""
+    unknown = [name for name in cfg.eval.metrics if name not in FAMILIES]
+    return [f"eval.metrics: unknown metric famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; registered: "
+            f"{sorted(FAMILIES)}"] if unknown else []
+
+
 def data_problems(cfg: FinetuneConfig) -> tuple[list[str], list[StudyRef], LabelSet | None]:
-    """Problems of the config against data.root ("key: problem"), the labelled studies and the label set."""
+    """Problems of the config against the registries and data.root ("key: problem"), the labelled studies and the
+    label set."""
+    problems = metric_problems(cfg)
     if not cfg.data.root:
-        return ["data.root: required (the output folder of `swinssl prepare`)"], [], None
+        return [*problems, "data.root: required (the output folder of `swinssl prepare`)"], [], None
     try:
         studies = select_studies(cfg.data.root, "labeled", "all")
         labels = read_label_set(cfg.data.root)
     except (DataError, LabelSetError) as exc:
-        return [f"data.root: {exc}"], [], None
-    problems = []
+        return [*problems, f"data.root: {exc}"], [], None
     if len(studies) < cfg.cv.folds:
         problems.append(f"cv.folds: {cfg.cv.folds} but data.root has only {len(studies)} prepared 'labeled' studies "
                         f"(fewer than cv.folds={cfg.cv.folds})")
