@@ -94,7 +94,7 @@ def test_prepare_refuses_an_input_without_studies(tmp_path, capsys):
 def test_prepare_bad_window(tmp_path, capsys, window):
     code, err = _run(["prepare", "--input", str(tmp_path), "--out", str(tmp_path / "out"), "--ct-window", window],
                      capsys)
-    _assert_input_error(code, err, "prepare")
+    _assert_input_error(code, err, "prepare", "--ct-window")
 
 
 def test_prepare_bad_labels_file(tmp_path, capsys):
@@ -218,6 +218,14 @@ def test_report_bad_sweep_ref(tmp_path, capsys, monkeypatch):
     _assert_input_error(code, err, "report", "--tracking-uri")
     code, err = _run(["report", "--sweep", str(tmp_path)], capsys)  # a folder that is no sweep output
     _assert_input_error(code, err, "report", "--tracking-uri")
+
+
+def test_report_unusable_tracking_store(tmp_path, capsys):
+    """A store MLflow cannot open (here a file:// URI pointing at a plain file) is an input error naming the URI."""
+    (tmp_path / "not_a_store").write_text("")
+    uri = f"file://{tmp_path / 'not_a_store'}"
+    code, err = _run(["report", "--sweep", "some_sweep", "--tracking-uri", uri], capsys)
+    _assert_input_error(code, err, "report", uri)
 
 
 # --- the installed script ------------------------------------------------------------------------------------------

@@ -35,12 +35,13 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from petct.config import PrepareConfig, Window
+    from petct.config import PrepareConfig
     from petct.labels import PSMA, LabelSet
     from petct.pipeline import prepare_cohort
 
     labels = LabelSet.load(args.labels) if args.labels else PSMA  # a bad map file exits 2 before any study runs
-    cfg = PrepareConfig(ct_window=Window.parse(args.ct_window), pet_window=Window.parse(args.pet_window),
+    cfg = PrepareConfig(ct_window=_window(args.ct_window, "--ct-window"), pet_window=_window(args.pet_window,
+                                                                                                "--pet-window"),
                         itk_threads=args.itk_threads, qc_png=not args.no_qc, labels=labels)
     if args.no_registration:
         cfg = replace(cfg, registration=replace(cfg.registration, enabled=False))
@@ -48,6 +49,16 @@ def _prepare(args: argparse.Namespace) -> int:
     print(summary.report)
     print(f"manifest: {Path(args.out).resolve() / 'manifest.jsonl'}   QC: {Path(args.out).resolve() / 'qc'}")
     return summary.exit_code
+
+
+def _window(text: str, flag: str):
+    """`LO,HI` of a window flag; a bad one names the flag."""
+    from petct.config import Window
+
+    try:
+        return Window.parse(text)
+    except ValueError as exc:
+        raise ValueError(f"{flag} {text!r}: give LO,HI with LO < HI, e.g. -1000,1000 ({exc})") from None
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -105,7 +116,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from .config import FinetuneConfig, load_config
 
-    cfg = load_config(args.config, args.overrides, FinetuneConfig)  # before importing Ray Train
+    # keys and types now, before importing Ray Train; `finetune` validates the rest together with the data
+    cfg = load_config(args.config, args.overrides, FinetuneConfig, check=False)
     from .train.finetune import finetune
 
     result, code = _train("finetune", finetune, cfg)
@@ -158,7 +170,12 @@ def _report_sweep(args: argparse.Namespace) -> int:
     if not uri:
         raise ValueError("give --tracking-uri (or MLFLOW_TRACKING_URI, or a sweep output folder as --sweep)")
     out = Path(args.out or (Path(args.sweep) / "report" if record.exists() else "sweep_report"))
-    report = sweep_report(uri, args.sweep, out)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        report = sweep_report(uri, args.sweep, out)
+    except MlflowException as exc:  # an unreachable or unusable tracking store is an input error, not a crash
+        raise ValueError(f"MLflow at {uri}: {str(exc).splitlines()[0][:300]}") from None
     print(report.markdown)
     print("files: " + "  ".join(str(p) for p in report.files))
     return 0

@@ -39,6 +39,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..config import PretrainConfig, register_rules
 from ..losses.contrastive import contrastive_loss
 from ..losses.inpainting import inpainting_loss
 from ..losses.rotation import rotation_loss
@@ -163,7 +164,8 @@ def _extra_problems(cfg: Any) -> list[str]:
 
 
 def pretext_problems(cfg: Any) -> list[str]:
-    """Every pretext-related problem of a PretrainConfig as "key: problem" strings (config.validate calls this)."""
+    """Every pretext-related problem of a PretrainConfig as "key: problem" strings (registered with
+    `config.register_rules` below, so `config.validate` reports them with every other problem)."""
     problems = _extra_problems(cfg)
     numeric = []
     for t in _REGISTRY.values():
@@ -258,3 +260,6 @@ register(PretextTask("rotation", _pooled_head(lambda cfg: 4), _rotation, short="
 register(PretextTask("contrastive", _pooled_head(lambda cfg: cfg.model.contrastive_dim), _contrastive, pair=True,
                      short="w_con", builtin=True))
 register(PretextTask("inpainting", _inpainting_head, _inpainting, short="w_inp", builtin=True))
+
+# config.validate runs these with its own rules; config itself never imports this layer (it sits below it)
+register_rules(PretrainConfig, lambda cfg, prefix: [prefix + problem for problem in pretext_problems(cfg)])

@@ -1,0 +1,276 @@
+"""The stage configs of `swinssl pretrain` and `swinssl finetune`: typed dataclasses, every field documented (the
+docstring right after it; tests/test_config_validation.py checks), enumerations as `Literal`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class CropStreamConfig:
+    """Where prepared studies come from and how the Ray Data stream cuts crops from them (shared by all runs)."""
+
+    root: str = ""
+    """Output folder of `swinssl prepare` (holds manifest.jsonl and shards/)."""
+    roi: list[int] = field(default_factory=lambda: [96, 96, 96])
+    """Crop size (Z, Y, X) in PET voxels; every side must be divisible by 32."""
+    crops_per_study: int = 2
+    """Random crops cut from one decoded volume (decoding is the expensive part: reuse it)."""
+    batch_size: int = 2
+    """Crops per worker per step."""
+    shuffle_buffer: int = 8
+    """Local shuffle buffer in crops (mixes crops of several studies without a global shuffle)."""
+    read_cpus: float = 1.0
+    """CPUs per crop task in the Ray Data pipeline."""
+    min_crops_per_epoch: int = 256
+    """A pass over the data lists each shard often enough to yield at least this many crops: a small cohort would
+    otherwise restart the Ray Data pipeline (seconds) every few steps."""
+
+
+@dataclass
+class DataConfig(CropStreamConfig):
+    """Which prepared studies feed pretraining (each crop gives two augmented views)."""
+
+    cohort: Literal["unlabeled", "labeled", "all"] = "unlabeled"
+    """Cohort of the manifest to pretrain on ('unlabeled', 'labeled' or 'all')."""
+    subset: str = "all"
+    """'all', or N: the first N studies of the cohort in curation order (450 and 760 are the same code path)."""
+    min_foreground: float = 0.05
+    """A crop must have at least this share of voxels inside the body (CT channel > body threshold)."""
+
+
+@dataclass
+class ModelConfig:
+    """SwinUNETR's Swin encoder (MONAI SwinTransformer) on 2-channel CT/PET input, plus the pretext heads."""
+
+    feature_size: int = 48
+    """Embedding width of the first stage; multiple of 12 (bottleneck = 16 x feature_size)."""
+    in_channels: int = 2
+    """Input modalities stacked as channels (2: CT and PET); the inpainting head reconstructs all of them."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth rate of the Swin blocks, in [0, 1] (SwinUNETR's dropout_path_rate)."""
+    use_checkpoint: bool = False
+    """Activation checkpointing in the Swin blocks: less memory, ~30% more compute."""
+    contrastive_dim: int = 512
+    """Output width of the contrastive projection head (a linear layer on the pooled bottleneck)."""
+
+
+@dataclass
+class LossConfig:
+    """Weights of the pretext tasks (0 removes that task's head and compute) and their options. One weight per task
+    of swinssl.tasks.registry: `w_<task>` for the built-in ones, `extra.w_<task>` for tasks registered outside."""
+
+    w_rotation: float = 1.0
+    """Weight of the rotation task (4-way classification of the quarter turns of each view; metric loss_rotation)."""
+    w_contrastive: float = 1.0
+    """Weight of the contrastive task (NT-Xent between the two views of each crop; metric loss_contrastive). 0 also
+    skips the second view, halving the compute."""
+    w_inpainting: float = 1.0
+    """Weight of the inpainting task (L1 reconstruction of the uncut crop; metric loss_inpainting)."""
+    temperature: float = 0.5
+    """NT-Xent softmax temperature (> 0; 0.5 in SimCLR's and the SwinUNETR pretraining recipe)."""
+    gather_contrastive: bool = True
+    """Gather embeddings from all workers so contrastive negatives grow with the cluster."""
+    inpaint_holes_only: bool = False
+    """L1 over the cut-out holes only (reference: the whole volume)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Weights and options of pretext tasks registered from outside swinssl (a plugin, a test): `w_<task>` (default
+    0: off) and `<task>_<option>`, e.g. `loss.extra.w_toy=1.0`. Keys no registered task reads are config errors."""
+
+
+@dataclass
+class PretextConfig:
+    """Augmentations that make the pretext targets."""
+
+    rotation_dims: list[int] = field(default_factory=lambda: [-2, -1])
+    """Plane of the quarter turns: two different dims of the (Z, Y, X) crop (-3..2; default the axial plane). The
+    crop sides in that plane must be equal while loss.w_rotation > 0."""
+    cutout_min_side: float = 0.05
+    """Smallest side of a cut-out box, as a fraction of the crop side, in (0, 1]."""
+    cutout_max_side: float = 0.25
+    """Largest side of a cut-out box, as a fraction of the crop side, in [cutout_min_side, 1]."""
+    cutout_max_drop: float = 0.3
+    """A view keeps receiving boxes while less than this fraction of its voxels is dropped (at most
+    cutout_max_boxes rounds), so the dropped fraction ends below it plus one box."""
+    cutout_cross_sample: float = 0.3
+    """Probability that a hole is filled with the same region of another sample instead of noise."""
+    cutout_max_boxes: int = 100
+    """Box draws per sample; ~100 boxes of 5-25 % sides are needed to reach the ~30 % drop of the reference."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay."""
+
+    lr: float = 4e-4
+    """Peak learning rate (reached at the end of warm-up); > 0."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay; >= 0."""
+    warmup_steps: int = 500
+    """Steps of linear warm-up from lr / warmup_steps to lr; 0 starts at lr. A value >= trainer.steps is allowed
+    (short smoke runs): the schedule then never leaves warm-up."""
+    min_lr_ratio: float = 0.0
+    """The cosine decays to min_lr_ratio x lr at the last step; in [0, 1]."""
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables."""
+
+
+@dataclass
+class TrainerConfig:
+    """Ray Train settings and the loop's schedule."""
+
+    steps: int = 100_000
+    """Optimizer steps (not epochs: unlabelled sets of different sizes train for the same number of updates)."""
+    num_workers: int = 1
+    """Ray Train workers (data-parallel DDP ranks); >= 1."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); False trains on CPU (gloo)."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs each Train worker reserves; > 0."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each Train worker asks for, e.g. {train_node: 1} to place one worker per node."""
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    """'bf16', 'fp16' or 'none'; only used on GPU."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (the effective batch is batch_size x num_workers x this)."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (and the last step always); >= 1."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints Ray Train keeps on disk; >= 1."""
+    max_failures: int = 3
+    """Worker-group restarts Ray Train attempts, each resuming from the last checkpoint."""
+    log_every: int = 10
+    """Steps between metric reports (MLflow and Ray Train); >= 1."""
+    seed: int = 0
+    """Seed of model init, crops and augmentations (same seed, same run); >= 0."""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. An empty tracking_uri means MLFLOW_TRACKING_URI, else sqlite:///<abs output_dir>/../mlflow.db."""
+
+    enabled: bool = True
+    """Log params, metrics and artifacts to MLflow; False runs without tracking."""
+    tracking_uri: str = ""
+    """MLflow tracking URI (e.g. sqlite:///mlflow.db or http://host:5000); '' for the default above."""
+    experiment: str = "swinssl-pretrain"
+    """MLflow experiment the run is logged under; must not be empty when tracking is enabled."""
+    run_name: str = ""
+    """MLflow run name; '' uses the config's `name`."""
+
+
+@dataclass
+class PretrainConfig:
+    """`swinssl pretrain`: everything that defines a pretraining run."""
+
+    name: str = "pretrain"
+    """Run name: Ray Train's experiment folder under output_dir/ray and the default MLflow run name."""
+    output_dir: str = ""
+    """Run folder (absolute or relative to the cwd of the driver): config, checkpoints, encoder.pt."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prepared studies and the crop stream."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The Swin encoder and its pretext heads."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Pretext loss weights and options."""
+    pretext: PretextConfig = field(default_factory=PretextConfig)
+    """Augmentations that make the pretext targets."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Ray Train workers and the loop's schedule."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow logging."""
+
+
+
+
+@dataclass
+class FinetuneDataConfig(CropStreamConfig):
+    """Labelled studies for fine-tuning (the `labeled` cohort of data.root) and their training crops."""
+
+    crops_per_study: int = 4
+    """Random crops cut from one decoded labelled study."""
+    class_balanced: bool = True
+    """Centre crops on a uniformly chosen class present in the study, so small organs and lesions are seen."""
+
+
+@dataclass
+class SegModelConfig:
+    """MONAI SwinUNETR(in_channels=2, out_channels=classes of the label set)."""
+
+    feature_size: int = 48
+    """Embedding width of the first Swin stage; multiple of 12 (must match a pretrained encoder's)."""
+    in_channels: int = 2
+    """Input modalities (CT, PET)."""
+    out_channels: int = 0
+    """Segmentation classes including background; 0: the number of classes of data.root's label set
+    (labels.json, PSMA's 12 without one). The resolved value is written to the run's config.yaml; a non-zero value
+    that differs from the label set is a config error."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth rate of the Swin blocks."""
+    use_checkpoint: bool = False
+    """Activation checkpointing in the Swin blocks: less memory, ~30% more compute."""
+
+
+@dataclass
+class CVConfig:
+    """K-fold cross-validation over the labelled studies (stratified by lesion presence, see eval/folds.py)."""
+
+    folds: int = 5
+    """Number of folds k (>= 2, at most the number of labelled studies)."""
+    fold: int = -1
+    """One fold index (0..folds-1) or -1 for all folds."""
+    seed: int = 0
+    """Seed of the fold split (folds stay fixed when trainer.seed changes)."""
+
+
+@dataclass
+class EvalConfig:
+    """Sliding-window inference over each validation study."""
+
+    sw_batch_size: int = 4
+    """Sliding windows per forward pass."""
+    overlap: float = 0.25
+    """Overlap fraction of neighbouring windows, as in MONAI's sliding_window_inference."""
+    mode: Literal["gaussian", "constant"] = "gaussian"
+    """Blending of overlapping windows: 'gaussian' down-weights window borders, 'constant' averages evenly."""
+    metrics: list[str] = field(default_factory=lambda: ["dice", "lesion"])
+    """Metric families computed per validation study (swinssl.eval.families): 'dice', 'lesion' (only when the label
+    set has a lesion class), 'hd95' (per-class 95th-percentile Hausdorff distance in mm, MONAI; off by default). The
+    fine-tuning driver checks the names against the registry (FAMILIES), so a new family needs no edit here."""
+    crop_to_body: bool = True
+    """Infer only inside the body's bounding box (the rest of a whole-body FOV is air): same Dice, less time."""
+    overlays: int = 3
+    """Studies per fold that get a PNG overlay."""
+    cpus: float = 1.0
+    """CPUs of the Ray task that evaluates one fold (it also takes one GPU when trainer.use_gpu)."""
+
+
+@dataclass
+class FinetuneConfig:
+    """`swinssl finetune`: segmentation fine-tuning with cross-validation, from scratch or a pretrained encoder."""
+
+    name: str = "finetune"
+    """Run name: Ray Train's experiment folders and the default MLflow run name."""
+    output_dir: str = ""
+    """Run folder: config, folds, checkpoints, predictions, overlays, metrics.json."""
+    encoder: str = ""
+    """Path to an `encoder.pt`, an MLflow run id holding one, or '' for training from scratch."""
+    freeze_encoder_steps: int = 0
+    """Keep the pretrained encoder fixed (lr 0) for this many steps while the decoder adapts."""
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    """Labelled studies and their training crops."""
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    """The segmentation network."""
+    cv: CVConfig = field(default_factory=CVConfig)
+    """Cross-validation folds."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=1e-5, warmup_steps=100))
+    """Optimizer and learning-rate schedule."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Ray Train workers and the loop's schedule."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Inference and metrics on each fold's validation studies."""
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="swinssl-finetune"))
+    """MLflow logging."""
