@@ -89,13 +89,19 @@ def _runs(client: MlflowClient, experiment_id: str, query: str) -> list:
     return client.search_runs([experiment_id], query, max_results=1000)
 
 
+E2E_GRID = "search.grid={loss.w_contrastive: [1.0, 0.0], data.subset: ['3']}"
+"""The e2e sweep searches both keys of loss_weights_tiny but one subset size: 2 settings + scratch = 3 trials (the
+full 2 x 2 grid's expansion is checked above without Ray; each trial costs two Ray Train start-ups)."""
+E2E_TRIALS = {"w_con=1 n=3", "w_con=0 n=3", "scratch"}
+
+
 def _check_mlflow(client: MlflowClient, parent_id: str, failed_name: str) -> dict:
-    """Sweep run -> 5 trial runs -> pretraining run + fold run each; returns {trial name: trial run}."""
+    """Sweep run -> 3 trial runs -> pretraining run + fold run each; returns {trial name: trial run}."""
     parent = client.get_run(parent_id)
     assert parent.data.tags["study"] == "loss_weights_tiny" and parent.data.tags["swinssl.kind"] == "sweep"
     exp = parent.info.experiment_id
     trials = {r.info.run_name: r for r in _runs(client, exp, f"tags.mlflow.parentRunId = '{parent_id}'")}
-    assert set(trials) == {"w_con=1 n=2", "w_con=0 n=2", "w_con=1 n=3", "w_con=0 n=3", "scratch"}
+    assert set(trials) == E2E_TRIALS
     for name, run in trials.items():
         assert run.data.tags["study"] == "loss_weights_tiny" and run.data.params["seed"] == "0"
         children = _runs(client, exp, f"tags.mlflow.parentRunId = '{run.info.run_id}'")
@@ -131,7 +137,7 @@ def test_tiny_sweep_failure_resume_and_report(prepared, tmp_path, ray_session, m
     out, db = tmp_path / "sweep", tmp_path / "mlflow.db"
     # fine-tune fold 0 of 2 only: half the Train runs per trial (suite time); both folds: tests/test_finetune.py
     overrides = [f"data.root={prepared[0]}", f"output_dir={out}", f"tracking.tracking_uri=sqlite:///{db}",
-                 "finetune_overrides.cv.fold=0"]
+                 "finetune_overrides.cv.fold=0", E2E_GRID]
     monkeypatch.setenv(FAIL_ENV, "scratch")  # this trial raises on every attempt (its rerun is the cheapest)
     result = sweep(_cfg(*overrides))
     monkeypatch.delenv(FAIL_ENV)
@@ -172,7 +178,8 @@ def test_tiny_sweep_failure_resume_and_report(prepared, tmp_path, ray_session, m
     for png in ("dice_vs_size.png", "per_class_gain.png"):
         assert (tmp_path / "report" / png).stat().st_size > 10_000
     rows = (tmp_path / "report" / "report.csv").read_text().splitlines()
-    assert len(rows) == 6 and rows[0].startswith("setting,init,data.subset,loss.w_contrastive,n_unlabeled")
+    assert len(rows) == 1 + len(E2E_TRIALS) and rows[0].startswith("setting,init,data.subset,loss.w_contrastive,"
+                                                                     "n_unlabeled")
     summary = json.loads((out / "summary.json").read_text())
-    assert [t["status"] for t in summary] == ["FINISHED"] * 5
+    assert [t["status"] for t in summary] == ["FINISHED"] * len(E2E_TRIALS)
     assert not math.isnan(float(rows[-1].split(",")[rows[0].split(",").index("dice_mean")]))
