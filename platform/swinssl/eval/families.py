@@ -26,7 +26,6 @@ Families of the default run (`eval.metrics: [dice, lesion]`):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,7 +33,7 @@ import numpy as np
 
 from petct.labels import LabelSet
 
-from .metrics import _nanmean, dice_per_class, fold_summary, hd95_per_class, lesion_metrics, mean_dice
+from .metrics import aggregate, dice_per_class, fold_summary, hd95_per_class, lesion_metrics, mean_dice
 
 Values = dict[str, float]
 RESERVED_KEY = "mean"
@@ -70,11 +69,11 @@ def _hd95_study(pred, truth, labels: LabelSet, spacing_zyx) -> Values:
 
 
 def _per_class_fold(rows: list[Values]) -> Values:
-    """Per class: mean over the studies where it is not NaN; `mean`: the mean of those per-class means."""
-    keys = list(dict.fromkeys(k for r in rows for k in r if k != RESERVED_KEY))
-    out = {k: _nanmean([r.get(k, math.nan) for r in rows]) for k in keys}
-    out[RESERVED_KEY] = _nanmean(list(out.values()))
-    return out
+    """Per class: mean over the studies where it is not NaN; `mean`: the mean of those per-class means
+    (`metrics.aggregate`), keys in label order rather than aggregate's sorted order."""
+    agg = aggregate([{k: v for k, v in r.items() if k != RESERVED_KEY} for r in rows])
+    keys = dict.fromkeys(k for r in rows for k in r if k != RESERVED_KEY)
+    return {**{k: agg["per_class"][k] for k in keys}, RESERVED_KEY: agg["dice_mean"]}
 
 
 def _lesion_study(pred, truth, labels: LabelSet, spacing_zyx) -> Values:
