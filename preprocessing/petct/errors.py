@@ -13,6 +13,11 @@ KINDS = (
     "missing_suv_tag",  # DICOM PET lacks a tag needed for SUV
     "bad_suv_tag",  # a tag is present but unusable (units, negative decay time ...)
     "non_finite",  # NaN / inf voxels
+    "geometry",  # geometry we will not guess at: 4-D/dynamic/gated, single slice or localizer, unresampleable shear
+    "not_corrected",  # PET without attenuation or decay correction (CorrectedImage lacks ATTN / DECY)
+    "implausible_value",  # a value no patient has: dose in MBq where Bq is due, weight in g, SUV out of range
+    "too_large",  # a volume above the memory budget, refused before it is allocated
+    "ambiguous",  # several candidate series for one role; the message lists them
     "no_overlap",  # CT and PET fields of view do not intersect
     "label_grid",  # label geometry differs from the PET grid
     "label_values",  # a label value that is not in the label set (`prepare --labels`, default the 12 PSMA classes)

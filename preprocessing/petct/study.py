@@ -31,7 +31,14 @@ VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 @dataclass(frozen=True)
 class StudySource:
-    """One input row: absolute paths (label None for unlabelled studies) and its curation order."""
+    """One input row: absolute paths (label None for unlabelled studies) and its curation order.
+
+    `ct`/`pet` are a file or a folder; with `*_series` set, the folder is searched recursively for the DICOM files of
+    that SeriesInstanceUID (a PACS export keeps several series per folder). `label_map` maps the label file's values
+    to class names ({1: "lesion"} for autoPET's SEG): values are then translated through the label set by name;
+    None = the file already uses the label set's values. `problem` = (error kind, message) found while discovering
+    the study (e.g. ambiguous series): the study fails with it without being read.
+    """
 
     study_id: str
     ct: Path | None
@@ -39,6 +46,14 @@ class StudySource:
     label: Path | None
     cohort: str
     order: int
+    patient_id: str = ""
+    """Patient the study belongs to ('' = the study is its own patient); folds never split a patient."""
+    ct_series: str = ""
+    pet_series: str = ""
+    label_map: dict[int, str] | None = None
+    layout: str = ""
+    """Name of the layout reader that found the study (petct.layouts), '' for a hand-written CSV."""
+    problem: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
