@@ -122,3 +122,66 @@ def test_make_folds_stratifies_on_the_label_sets_lesion_class(tmp_path) -> None:
     none = LabelSet(("background", "organ", "tumour"))
     assert not any(_has_lesion(r, none) for r in refs)
     assert make_folds(cfg, refs, none) == kfold_split(ids, [False] * 5, 2, 4)
+
+
+def _grouped_cohort() -> tuple[list[str], list[bool], list[str]]:
+    """30 studies of 17 patients: like autoPET, some patients have 2-3 acquisitions, lesions on some of them."""
+    sizes = [1, 2, 3, 1, 2, 1, 1, 3, 2, 1, 2, 1, 3, 1, 2, 3, 1]
+    ids, flags, groups = [], [], []
+    for p, n in enumerate(sizes):
+        for a in range(n):
+            ids.append(f"PETCT_{p:02d}_acq{a}")
+            flags.append((p + a) % 3 != 0)
+            groups.append(f"PETCT_{p:02d}")
+    return ids, flags, groups
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_patient_grouped_folds_never_split_a_patient(seed: int) -> None:
+    ids, flags, groups = _grouped_cohort()
+    folds = kfold_split(ids, flags, folds=5, seed=seed, groups=groups)
+    patient = dict(zip(ids, groups))
+    assert sorted(s for f in folds for s in f) == sorted(ids)  # disjoint and covering
+    for k in range(5):
+        train, val = fold_train_val(folds, k)
+        assert not {patient[s] for s in train} & {patient[s] for s in val}
+    sizes = [len(f) for f in folds]
+    assert max(sizes) - min(sizes) <= 3  # balanced by study count up to one patient's studies
+    assert all(any(flags[ids.index(s)] for s in f) for f in folds)  # lesion patients spread to every fold
+
+
+def test_one_study_per_patient_groups_equal_ungrouped() -> None:
+    ids, flags = _cohort()
+    assert kfold_split(ids, flags, 5, 4, groups=[f"p-{i}" for i in ids]) == kfold_split(ids, flags, 5, 4)
+
+
+def test_too_few_patients_is_named() -> None:
+    ids = [f"s{i}" for i in range(6)]
+    with pytest.raises(ValueError, match="cannot split 2 patients into 3 folds"):
+        kfold_split(ids, [True] * 6, folds=3, groups=["a", "a", "a", "b", "b", "b"])
+
+
+def test_finetune_folds_group_by_the_manifest_patient_id(tmp_path) -> None:
+    """The fine-tune driver reads `patient_id` from the manifest and never splits a patient across folds."""
+    import json
+
+    from petct.labels import PSMA
+    from swinssl.config import FinetuneConfig
+    from swinssl.data.studies import select_studies
+    from swinssl.train.finetune import make_folds
+
+    ids, flags, groups = _grouped_cohort()
+    (tmp_path / "shards").mkdir()
+    rows = []
+    for order, (sid, flag, patient) in enumerate(zip(ids, flags, groups)):
+        (tmp_path / "shards" / f"{sid}.parquet").write_bytes(b"")
+        rows.append({"order": order, "study_id": sid, "patient_id": patient, "cohort": "labeled", "status": "ok",
+                     "shard": f"shards/{sid}.parquet", "shape": [8, 8, 8], "labeled": True,
+                     "label_voxels": {"background": 10, PSMA.lesion_name: int(flag)}})
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    studies = select_studies(tmp_path, "labeled")
+    assert [s.patient_id for s in studies] == groups
+    folds = make_folds(FinetuneConfig(), studies, PSMA)
+    patient = dict(zip(ids, groups))
+    seen = [{patient[s] for s in f} for f in folds]
+    assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])

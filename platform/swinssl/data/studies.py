@@ -29,6 +29,8 @@ class StudyRef:
     label_voxels: dict[str, int] | None = field(default=None, compare=False, hash=False)
     """Voxels per class name of the study's label (the manifest's `label_voxels`), None when the manifest predates
     it (then readers look at the shard)."""
+    patient_id: str = field(default="", compare=False, hash=False)
+    """Patient of the study (the manifest's `patient_id`; the study id when unknown): folds never split a patient."""
 
 
 def read_manifest(root: str | Path) -> list[dict]:
@@ -64,7 +66,8 @@ def select_studies(root: str | Path, cohort: str = "unlabeled", subset: str | in
             raise DataError(f"data.subset={limit} but {root} has only {len(rows)} prepared {cohort!r} studies")
         rows = rows[:limit]
     refs = [StudyRef(r["study_id"], r["cohort"], r["order"], str(root / r["shard"]), tuple(r["shape"]),
-                     bool(r.get("labeled")), r.get("label_voxels")) for r in rows]
+                     bool(r.get("labeled")), r.get("label_voxels"), str(r.get("patient_id") or r["study_id"]))
+            for r in rows]
     missing = [ref.shard for ref in refs if not Path(ref.shard).exists()]
     if missing:
         raise DataError(f"{len(missing)} shards listed in the manifest are missing, e.g. {missing[0]}")

@@ -8,8 +8,9 @@ marker), `ray/fold_<k>/checkpoint_*`, `predictions/<study>.nii.gz` (PET grid, as
 (`studies`), per fold (`folds`) and mean/std across folds (`summary`); see swinssl.eval.families.
 
 The class set is data: every stage reads it from `labels.json` of data.root (`petct.labels.read_label_set`; the
-PSMA set when there is none). Folds are stratified on "has a lesion voxel" of the set's lesion class (from the
-manifest's `label_voxels`, else the shard); a set without a lesion class gives a plain seeded k-fold.
+PSMA set when there is none). Folds are grouped by patient (the manifest's `patient_id`: no patient is in both
+training and validation) and stratified on "has a lesion voxel" of the set's lesion class (from the manifest's
+`label_voxels`, else the shard); a set without a lesion class gives a plain seeded patient-grouped k-fold.
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ def _has_lesion(ref: StudyRef, labels: LabelSet) -> bool:
 
 
 def make_folds(cfg: FinetuneConfig, studies: list[StudyRef], labels: LabelSet) -> list[list[str]]:
-    """`cv.folds` folds stratified on lesion presence (plain seeded k-fold when the set has no lesion class)."""
+    """`cv.folds` folds grouped by patient (the manifest's `patient_id`) and stratified on lesion presence (plain
+    seeded patient-grouped k-fold when the set has no lesion class)."""
     flags = [_has_lesion(s, labels) for s in studies]
-    return kfold_split([s.study_id for s in studies], flags, cfg.cv.folds, cfg.cv.seed)
+    patients = [s.patient_id or s.study_id for s in studies]
+    return kfold_split([s.study_id for s in studies], flags, cfg.cv.folds, cfg.cv.seed, groups=patients)
 
 
 def resolve_encoder(spec: str, uri: str | None, output_dir: Path) -> tuple[str | None, str]:
@@ -279,7 +282,9 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     folds = make_folds(cfg, studies, labels)
     save_config(cfg, output_dir / "config.yaml")
     write_label_set(labels, output_dir)
-    _write_json(output_dir / "folds.json", {"seed": cfg.cv.seed, "folds": folds})
+    patient_of = {s.study_id: s.patient_id or s.study_id for s in studies}
+    _write_json(output_dir / "folds.json", {"seed": cfg.cv.seed, "folds": folds,
+                                            "patients": [sorted({patient_of[i] for i in f}) for f in folds]})
     uri_hint = None
     if cfg.tracking.enabled:
         from ..tracking.mlflow_run import resolve_tracking_uri
