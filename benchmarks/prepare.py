@@ -28,13 +28,15 @@ import SimpleITK as sitk
 def io_floor(sources, tmp: Path) -> list[float]:
     """Seconds per study to read the inputs and write a same-sized shard, nothing else."""
     from petct.io import read_ct, read_label, read_pet
+    from petct.labels import PSMA as labels
     from petct.shards import PreparedStudy, write_shard
 
     times = []
     for s in sources:
         start = time.perf_counter()
-        ct, pet = read_ct(s.study_id, s.ct), read_pet(s.study_id, s.pet)
-        label = sitk.GetArrayFromImage(read_label(s.study_id, s.label, pet)) if s.label else None
+        ct, pet = read_ct(s.study_id, s.ct, s.ct_series), read_pet(s.study_id, s.pet, s.pet_series)
+        label = read_label(s.study_id, s.label, pet, labels, s.label_map)[0] if s.label else None
+        label = None if label is None else sitk.GetArrayFromImage(label)
         image = np.broadcast_to(sitk.GetArrayViewFromImage(pet), (2, *pet.GetSize()[::-1]))
         study = PreparedStudy(s.study_id, s.cohort, s.order, image, label, pet.GetSpacing(), pet.GetOrigin(),
                               pet.GetDirection())

@@ -1,6 +1,7 @@
 """The `swinssl` command: one CLI, one verb per stage.
 
     swinssl synth    --out DIR --unlabeled N --labeled M [--seed S] [--format nifti|dicom] [--scale small|full]
+    swinssl scan     DIR --out cohort.csv   (find the studies of DIR, write them as a cohort CSV for review)
     swinssl prepare  --input cohort.csv|DIR --out OUT [--workers K] [--ct-window LO,HI] [--pet-window LO,HI]
     swinssl export   OUT --study ID --to DIR
     swinssl pretrain experiments/pretrain.yaml [key=value ...]
@@ -31,6 +32,27 @@ def _synth(args: argparse.Namespace) -> int:
     csv_path = synth_cohort(Path(args.out), unlabeled=args.unlabeled, labeled=args.labeled, seed=args.seed,
                             scale=args.scale, fmt=args.format, workers=args.workers, labels=labels)
     print(f"cohort written: {csv_path}")
+    return 0
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from petct.layouts import cohort_csv_text, discover
+    from petct.shards import atomic_write_text
+
+    root, out = Path(args.dir).resolve(), Path(args.out).resolve()
+    found = discover(root)
+    if not found.sources:
+        raise ValueError(f"no studies found in {root}: looked at {found.looked}")
+    print(f"layout: {found.layout} ({len(found.sources)} studies in {root})")
+    for source in found.sources:
+        state = f"FAILS {source.problem[0]}" if source.problem else "ok"
+        print(f"  {source.study_id} [{state}] {found.pairing.get(source.study_id, '')}")
+    print(f"skipped ({len(found.skipped)}):")
+    for what, why in found.skipped:
+        print(f"  {what}: {why}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, cohort_csv_text(found.sources, out))
+    print(f"cohort written: {out}  (review it, then: swinssl prepare --input {out} --out OUT)")
     return 0
 
 
@@ -222,8 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "class of the same name gets its value, the others 0 (default: the 12 PSMA classes)")
     synth.set_defaults(run=_synth)
 
+    scan = verbs.add_parser("scan", help="find the studies of a folder (any layout) and write them as a cohort CSV")
+    scan.add_argument("dir", help="folder: a DICOM tree, autoPET, nnU-Net v2 raw, or study folders")
+    scan.add_argument("--out", required=True, help="cohort CSV to write (paths relative to it)")
+    scan.set_defaults(run=_scan)
+
     prep = verbs.add_parser("prepare", help="register, resample, normalise and shard a cohort")
-    prep.add_argument("--input", required=True, help="cohort CSV, or a folder of study folders")
+    prep.add_argument("--input", required=True, help="cohort CSV, or a folder in any layout `swinssl scan` finds")
     prep.add_argument("--out", required=True)
     prep.add_argument("--workers", type=int, default=2, help="studies in parallel (Ray tasks); 0 = in-process")
     prep.add_argument("--ct-window", default="-1000,1000", help="HU window LO,HI mapped to [0, 1]")

@@ -81,6 +81,10 @@ class PrepareConfig:
     labels: LabelSet = PSMA
     """Classes of the label volumes (`swinssl prepare --labels FILE`): a label value outside the set fails its study;
     written as `labels.json`. Default: the 12-class PSMA set."""
+    max_volume_mib: float = 4096.0
+    """Memory budget of one input volume as float32 (MiB): a CT or PET larger than this is refused (`too_large`)
+    from its headers, before it is allocated. 4096 passes a 512x512x1200 CT (1200 MiB) with room for a tilted one
+    resampled onto a wider grid."""
 
     def to_dict(self) -> dict:
         """Plain-JSON form (`prepare_config.json`); the label set in `labels.json`'s form."""

@@ -1,8 +1,9 @@
 """Write a synthetic study as CT and PET DICOM series the way scanners do (pydicom 3).
 
 CT: one file per slice, int16 stored = HU + 1024 (RescaleIntercept -1024, slope 1).
-PET: one file per slice, uint16 with its own RescaleSlope (max-scaled per slice), Bq/mL, decay corrected to the
-scan start, with every tag SUVbw needs (weight, dose, injection and series times, half-life; see suv.py). Files
+PET: one file per slice, uint16 with its own RescaleSlope (max-scaled per slice), Bq/mL, attenuation and decay
+corrected (CorrectedImage lists ATTN and DECY; decay to the scan start), with every tag SUVbw needs (weight, dose,
+injection and series times, half-life, the Ga-68 RadionuclideCodeSequence; see suv.py). Files
 are numbered from the head down (file 0 and InstanceNumber 1 = most superior slice), as head-first scanners number
 them; readers must sort by position.
 """
@@ -26,7 +27,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
-GA68_HALF_LIFE_S = 4056.0
+GA68_HALF_LIFE_S = 4056.0  # s: a scanner-table value (67.6 min); NuDat 67.71 min, within the 2 % suv.py allows
 BED_LENGTH_MM = 200.0  # axial extent of one PET bed position (whole-body scans step the bed)
 
 
@@ -123,6 +124,9 @@ def _radiopharmaceutical(meta: dict) -> Dataset:
     radio.RadionuclideTotalDose = _ds(meta["dose_bq"])
     radio.RadionuclideHalfLife = _ds(meta["half_life_s"])
     radio.RadionuclidePositronFraction = "0.8891"
+    nuclide = Dataset()  # DICOM PS3.16 CID 4020, as scanners write it: SNOMED CT code of the radionuclide
+    nuclide.CodeValue, nuclide.CodingSchemeDesignator, nuclide.CodeMeaning = "35337001", "SCT", "^68^Gallium"
+    radio.RadionuclideCodeSequence = Sequence([nuclide])
     return radio
 
 

@@ -1,8 +1,11 @@
-"""Reading CT, PET and labels from NIfTI files or DICOM series folders into SimpleITK images.
+"""Reading CT, PET and labels from NIfTI-like files or DICOM series folders into SimpleITK images.
 
 Contract: every reader returns a float32 (labels: uint8) `sitk.Image` carrying the scanner-frame geometry, or
-raises `StudyError` naming the study and the problem. PET from DICOM is converted to SUVbw from its tags (per-slice
-RescaleSlope applied in float); PET from NIfTI must already be SUVbw (there are no tags to convert it with).
+raises `StudyError` naming the study and the problem. It is always one 3-D volume: 4-D files, a singleton axis, a
+single slice are refused (`geometry`), and so is a volume above the memory budget (`too_large`, checked from the
+header before anything is allocated). DICOM reading lives in `petct.dicom_read`. PET from DICOM is converted to
+SUVbw from its tags (per-slice RescaleSlope applied in float); PET from NIfTI must already be SUVbw (there are no
+tags to convert it with). Every PET is then checked for physiologically plausible SUV.
 """
 
 from __future__ import annotations
@@ -11,15 +14,16 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import SimpleITK as sitk
-from pydicom.errors import InvalidDicomError
 
+from .dicom_read import is_dicom_file, load_series, scan_series
 from .errors import StudyError
 from .labels import LabelSet
 from .suv import SuvTagError, suv_factor
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+CT_FILL_HU = -1024.0
+"""Outside the shifted slices of a tilted CT: the scanner's own air value (stored 0 at RescaleIntercept -1024)."""
 
 
 def _check_exists(study_id: str, path: Path | None, what: str) -> Path:
@@ -29,52 +33,6 @@ def _check_exists(study_id: str, path: Path | None, what: str) -> Path:
     if not path.exists():
         raise StudyError(study_id, "missing_modality", f"{what} not found: {path}")
     return path
-
-
-def _dicom_slices(study_id: str, folder: Path) -> list[pydicom.Dataset]:
-    """All slices of the one series in `folder`, sorted along the slice normal."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise StudyError(study_id, "missing_modality", f"DICOM folder is empty: {folder}")
-    slices = []
-    for path in files:
-        try:
-            ds = pydicom.dcmread(path)
-            ds.pixel_array  # noqa: B018 - decode now so a truncated file fails here, with its name
-        except (InvalidDicomError, ValueError, OSError, AttributeError, EOFError) as exc:
-            raise StudyError(study_id, "read_error", f"cannot read DICOM file {path.name} in {folder}: {exc}") from exc
-        slices.append(ds)
-    if len({getattr(s, "SeriesInstanceUID", None) for s in slices}) > 1:
-        raise StudyError(study_id, "read_error", f"{folder} holds more than one DICOM series")
-    normal = _slice_normal(slices[0])
-    return sorted(slices, key=lambda s: float(np.dot(normal, np.asarray(s.ImagePositionPatient, float))))
-
-
-def _slice_normal(ds: pydicom.Dataset) -> np.ndarray:
-    row, col = np.asarray(ds.ImageOrientationPatient, float).reshape(2, 3)
-    return np.cross(row, col)
-
-
-def _series_to_image(study_id: str, slices: list[pydicom.Dataset], folder: Path) -> sitk.Image:
-    """Stack slices into a float32 image; each slice keeps its own rescale (PET scanners scale per slice)."""
-    first = slices[0]
-    row, col = np.asarray(first.ImageOrientationPatient, float).reshape(2, 3)
-    normal = np.cross(row, col)
-    positions = np.array([np.dot(normal, np.asarray(s.ImagePositionPatient, float)) for s in slices])
-    gaps = np.diff(positions)
-    if len(slices) > 1 and (gaps.min() <= 0 or np.ptp(gaps) > 0.01 * np.median(gaps) + 1e-3):
-        raise StudyError(study_id, "read_error", f"{folder}: slices are not evenly spaced (gaps {gaps.min():.3f}"
-                         f"..{gaps.max():.3f} mm): missing or duplicate slices")
-    volume = np.empty((len(slices), int(first.Rows), int(first.Columns)), np.float32)
-    for k, s in enumerate(slices):
-        slope, intercept = float(getattr(s, "RescaleSlope", 1.0)), float(getattr(s, "RescaleIntercept", 0.0))
-        volume[k] = s.pixel_array.astype(np.float32) * slope + intercept
-    image = sitk.GetImageFromArray(volume)
-    dy, dx = (float(v) for v in first.PixelSpacing)  # PixelSpacing is (row spacing = y, column spacing = x)
-    image.SetSpacing((dx, dy, float(np.median(gaps)) if len(slices) > 1 else float(first.SliceThickness)))
-    image.SetOrigin(tuple(float(v) for v in first.ImagePositionPatient))
-    image.SetDirection(tuple(np.column_stack([row, col, normal]).ravel()))
-    return image
 
 
 def _nifti_truncation(path: Path, header) -> str:
@@ -118,14 +76,43 @@ def _check_nifti(study_id: str, path: Path, what: str) -> None:
             raise StudyError(study_id, "non_finite", f"{what} has {bad} NaN/inf voxels ({path.name})")
 
 
-def _read_file(study_id: str, path: Path, pixel: int, what: str) -> sitk.Image:
+def _itk_error(study_id: str, path: Path, exc: RuntimeError) -> StudyError:
+    return StudyError(study_id, "read_error", f"cannot read {path}: {str(exc).strip().splitlines()[-1][:300]}")
+
+
+def _check_shape(study_id: str, path: Path, what: str, max_bytes: int | None) -> None:
+    """From the header alone: one 3-D scalar volume, at least 3 voxels on each axis, within the memory budget."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _itk_error(study_id, path, exc) from exc
+    size = reader.GetSize()  # ITK drops trailing singleton axes: (x, y, z, 1) reads as 3-D
+    if reader.GetNumberOfComponents() != 1:
+        raise StudyError(study_id, "read_error", f"{what} {path.name}: {reader.GetNumberOfComponents()} components "
+                         "per voxel (a colour or vector image), not a scalar volume")
+    if len(size) != 3:
+        raise StudyError(study_id, "geometry", f"{what} {path.name} is {len(size)}-D (size {size}): give one 3-D "
+                         "volume (a 4-D file is a dynamic, gated or multi-volume series)")
+    if min(size) < 3:
+        raise StudyError(study_id, "geometry", f"{what} {path.name} has size {size}: a single slice or a singleton "
+                         "axis, not a volume (need at least 3 voxels on each axis)")
+    nbytes = int(np.prod(size)) * 4
+    if max_bytes is not None and nbytes > max_bytes:
+        raise StudyError(study_id, "too_large", f"{what} {path.name}: {size[0]}x{size[1]}x{size[2]} voxels = "
+                         f"{nbytes / 2**20:.0f} MiB as float32, above the budget of {max_bytes / 2**20:.0f} MiB; "
+                         "raise PrepareConfig.max_volume_mib if the machine has the memory")
+
+
+def _read_file(study_id: str, path: Path, pixel: int, what: str, max_bytes: int | None = None) -> sitk.Image:
+    _check_shape(study_id, path, what, max_bytes)
     if path.name.endswith((".nii", ".nii.gz")):
         _check_nifti(study_id, path, what)
     try:
         return sitk.ReadImage(str(path), pixel)
     except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[-1][:300]
-        raise StudyError(study_id, "read_error", f"cannot read {path}: {first_line}") from exc
+        raise _itk_error(study_id, path, exc) from exc
 
 
 def _check_finite(study_id: str, image: sitk.Image, what: str) -> sitk.Image:
@@ -136,30 +123,44 @@ def _check_finite(study_id: str, image: sitk.Image, what: str) -> sitk.Image:
     return image
 
 
-def read_ct(study_id: str, path: Path | str | None) -> sitk.Image:
-    """CT in HU, float32, from a NIfTI-like file or a DICOM series folder."""
+def read_ct(study_id: str, path: Path | str | None, series_uid: str = "", max_bytes: int | None = None) -> sitk.Image:
+    """CT in HU, float32, from a NIfTI-like file, a DICOM folder (`series_uid`: that series, searched below it) or
+    one multi-frame DICOM file (read as DICOM, never through ITK's reader: it ignores per-frame geometry).
+
+    `max_bytes`: refuse (`too_large`) a volume whose float32 size, known from the headers, is larger.
+    """
     path = _check_exists(study_id, path, "CT")
-    if path.is_dir():
-        image = _series_to_image(study_id, _dicom_slices(study_id, path), path)
+    if path.is_dir() or is_dicom_file(path):
+        image = load_series(study_id, scan_series(study_id, path, "CT", series_uid, max_bytes), CT_FILL_HU)
     else:
-        image = _read_file(study_id, path, sitk.sitkFloat32, "CT")
+        image = _read_file(study_id, path, sitk.sitkFloat32, "CT", max_bytes)
     return _check_finite(study_id, image, "CT")
 
 
-def read_pet(study_id: str, path: Path | str | None) -> sitk.Image:
-    """PET in SUVbw, float32. DICOM: converted from the tags; NIfTI: taken as SUVbw already."""
+def read_pet(study_id: str, path: Path | str | None, series_uid: str = "", max_bytes: int | None = None) -> sitk.Image:
+    """PET in SUVbw, float32. DICOM: converted from the tags (before any pixel is decoded); NIfTI: taken as SUVbw.
+
+    `series_uid` and `max_bytes` as for `read_ct`; the SUV range is then checked (`petct.plausibility`).
+    """
+    from .plausibility import check_suv_range
+
     path = _check_exists(study_id, path, "PET")
-    if path.is_dir():
-        slices = _dicom_slices(study_id, path)
+    if path.is_dir() or is_dicom_file(path):
+        series = scan_series(study_id, path, "PT", series_uid, max_bytes)
         try:
-            factor = suv_factor(slices)
+            factor = suv_factor([frame.ds for frame in series.frames])
         except SuvTagError as exc:
-            kind = "missing_suv_tag" if exc.missing else "bad_suv_tag"
+            kind = getattr(exc, "kind", None) or ("missing_suv_tag" if exc.missing else "bad_suv_tag")
             raise StudyError(study_id, kind, f"PET {path}: {exc}") from exc
-        image = _series_to_image(study_id, slices, path) * factor
+        activity = load_series(study_id, series, 0.0)
+        image, origin = activity * factor, f"DICOM series {path}"
+        for key in activity.GetMetaDataKeys():  # arithmetic drops metadata (the resampling note)
+            image.SetMetaData(key, activity.GetMetaData(key))
     else:
-        image = _read_file(study_id, path, sitk.sitkFloat32, "PET")
-    return _check_finite(study_id, image, "PET")
+        image, origin = _read_file(study_id, path, sitk.sitkFloat32, "PET", max_bytes), f"NIfTI {path}"
+    image = _check_finite(study_id, image, "PET")
+    check_suv_range(study_id, image, origin)
+    return image
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, tol_mm: float = 1e-3) -> bool:
@@ -178,19 +179,47 @@ def describe_grid(image: sitk.Image) -> str:
     return f"size {image.GetSize()} spacing ({spacing}) origin ({origin})"
 
 
-def read_label(study_id: str, path: Path | str | None, pet: sitk.Image, labels: LabelSet) -> sitk.Image:
-    """Label map on the PET grid, uint8 holding only values of `labels`; any other grid or value is an error."""
+def read_label(study_id: str, path: Path | str | None, pet: sitk.Image, labels: LabelSet,
+               label_map: dict[int, str] | None = None, ct: sitk.Image | None = None,
+               transform: sitk.Transform | None = None) -> tuple[sitk.Image, str]:
+    """(label on the PET grid, uint8 holding only values of `labels`; the grid it was drawn on: 'pet' or 'ct').
+
+    `label_map` ({file value: class name}, e.g. autoPET's {0: background, 1: lesion}) translates the file's values
+    by class name ('background' is 0, 'lesion' the set's lesion class); None = the file holds the set's values. A
+    label on the PET grid is used as is; one on the grid of `ct` (the CT as read) is resampled nearest-neighbour
+    onto the PET grid through `transform` (PET point -> CT point: the registration's). Any other grid, a value
+    outside the map or the set, or a class the set lacks is an error.
+    """
     path = _check_exists(study_id, path, "label")
     image = _read_file(study_id, path, sitk.sitkFloat32, "label")
-    if not same_grid(image, pet):
-        raise StudyError(study_id, "label_grid", f"label grid {describe_grid(image)} differs from the PET grid "
-                         f"{describe_grid(pet)}; labels must be drawn on the PET grid")
+    grid = "pet" if same_grid(image, pet) else "ct" if ct is not None and same_grid(image, ct) else ""
+    if not grid:
+        on_ct = f" nor the CT grid {describe_grid(ct)}" if ct is not None else ""
+        raise StudyError(study_id, "label_grid", f"{path.name}: label grid {describe_grid(image)} is neither the PET "
+                         f"grid {describe_grid(pet)}{on_ct}; labels must be drawn on the PET or the CT grid")
+    aliases = {"background": 0} | ({"lesion": labels.lesion} if labels.lesion is not None else {})
+    names = label_map or dict(enumerate(labels.names))
+    table = {v: labels.names.index(n) if n in labels.names else aliases.get(n, -1) for v, n in names.items()}
     values = sitk.GetArrayViewFromImage(image)
-    outside = ~np.isin(values, np.arange(labels.num_classes, dtype=values.dtype))  # NaN, fractions, out of range
+    outside = ~np.isin(values, np.array(sorted(table), dtype=values.dtype))  # NaN, fractions, out of range
     if outside.any():
+        allowed = f"the label map {label_map} of this layout" if label_map else f"the label set {labels.describe()}"
         raise StudyError(study_id, "label_values", f"{path.name}: label values {_listed(np.unique(values[outside]))} "
-                         f"are not in the label set {labels.describe()}")
-    return sitk.Cast(image, sitk.sitkUInt8)
+                         f"are not in {allowed}")
+    lacking = {v: names[v] for v, t in table.items() if t < 0 and (values == v).any()}
+    if lacking:
+        raise StudyError(study_id, "label_values", f"{path.name}: classes {lacking} (file value: name) are not in the "
+                         f"label set {labels.describe()}; give `prepare --labels` a set that names them")
+    translated = values.astype(np.uint8) if not label_map else np.zeros(values.shape, np.uint8)
+    for value, target in table.items() if label_map else ():
+        if target > 0:  # 0 is the fill
+            translated[values == value] = target
+    out = sitk.GetImageFromArray(translated)
+    out.CopyInformation(image)
+    if grid == "ct":
+        out = sitk.Resample(out, pet, transform or sitk.Euler3DTransform(), sitk.sitkNearestNeighbor, 0,
+                            sitk.sitkUInt8)
+    return out, grid
 
 
 def _listed(values: np.ndarray, most: int = 10) -> str:

@@ -1,7 +1,8 @@
 """`prepare`: a cohort in, aligned 2-channel Parquet shards + manifest + QC out (one Ray task per study).
 
-Input: a cohort CSV (`study_id,ct,pet,label,cohort`, paths relative to the CSV) or a folder of study folders
-(each with `ct.nii.gz`|`ct/`, `pet.nii.gz`|`pet/`, optional `label.nii.gz`). Row order is curation order.
+Input: a cohort CSV (`study_id,ct,pet,label,cohort[,patient_id,ct_series,pet_series,label_map,...]`, paths relative
+to the CSV) or a folder in one of the layouts of petct.layouts (study folders, autoPET, nnU-Net v2 raw, a DICOM
+tree), found by discovery. Row order is curation order.
 Output (OUT): `shards/<id>.parquet` (see shards.py), `records/<id>.json`, `manifest.jsonl` (one row per input row,
 in input order), `qc/<id>.png`, `qc/summary.{csv,md}`, `qc/registration.png`, `prepare_config.json`, `labels.json`
 (the cohort's label set, see labels.py; also part of the settings digest).
@@ -11,7 +12,6 @@ Resume: a study whose record says ok for the same source hashes and settings is 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import shutil
@@ -22,8 +22,11 @@ from pathlib import Path
 
 from .config import PrepareConfig
 from .labels import write_label_set
+from .layouts import discover, sources_from_csv
 from .shards import atomic_write_json, atomic_write_text
 from .study import VALID_ID, OutputLayout, StudySource, run_study
+
+__all__ = ["PrepareSummary", "load_sources", "prepare_cohort", "sources_from_csv"]
 
 EXIT_OK = 0
 EXIT_STUDIES_FAILED = 3
@@ -44,63 +47,18 @@ class PrepareSummary:
         return EXIT_STUDIES_FAILED if self.failed else EXIT_OK
 
 
-def _path(base: Path, text: str | None) -> Path | None:
-    text = (text or "").strip()
-    return (base / text).resolve() if text else None
-
-
-def sources_from_csv(csv_path: Path) -> list[StudySource]:
-    with open(csv_path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"study_id", "ct", "pet"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{csv_path}: missing columns {sorted(missing)} (need study_id,ct,pet[,label,cohort])")
-        base = csv_path.parent
-        return [
-            StudySource(row["study_id"].strip(), _path(base, row["ct"]), _path(base, row["pet"]),
-                        _path(base, row.get("label")), (row.get("cohort") or "").strip()
-                        or ("labeled" if (row.get("label") or "").strip() else "unlabeled"), order)
-            for order, row in enumerate(reader)
-        ]
-
-
-def _find(folder: Path, stem: str) -> Path | None:
-    for candidate in (folder / f"{stem}.nii.gz", folder / f"{stem}.nii", folder / stem):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def sources_from_folder(root: Path) -> list[StudySource]:
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    sources = []
-    for order, folder in enumerate(folders):
-        label = _find(folder, "label")
-        sources.append(StudySource(folder.name, _find(folder, "ct"), _find(folder, "pet"), label,
-                                   "labeled" if label else "unlabeled", order))
-    return sources
-
-
 def load_sources(input_path: Path | str) -> list[StudySource]:
-    """Cohort CSV or folder of study folders -> sources in curation order."""
+    """Cohort CSV or a folder in any registered layout (petct.layouts) -> sources in curation order."""
     input_path = Path(input_path).resolve()
-    if input_path.is_dir():
-        candidate = input_path / "cohort.csv"
-        sources = sources_from_csv(candidate) if candidate.exists() else sources_from_folder(input_path)
-        looked = f"{candidate} (rows)" if candidate.exists() else \
-            f"{input_path}: study folders holding ct.nii.gz|ct/ and pet.nii.gz|pet/ (folders seen: " \
-            f"{sum(p.is_dir() for p in input_path.iterdir())})"
-    elif not input_path.exists():
-        raise FileNotFoundError(f"input not found: {input_path}")
-    else:
-        sources, looked = sources_from_csv(input_path), f"{input_path} (rows)"
-    if not sources:  # a run that prepares nothing is a usage error, not a success
-        raise ValueError(f"no studies found in {input_path}: looked at {looked}")
-    return sources
+    found = discover(input_path)
+    if not found.sources:  # a run that prepares nothing is a usage error, not a success
+        raise ValueError(f"no studies found in {input_path}: looked at {found.looked}")
+    return found.sources
 
 
 def _id_problems(sources: list[StudySource]) -> dict[int, tuple[str, str]]:
-    """Rows that cannot be prepared because of their id: order -> (kind, message)."""
+    """Rows that cannot be prepared because of their id or a problem found by discovery: order -> (kind, message).
+    They fail without being read."""
     counts = Counter(s.study_id for s in sources)
     problems = {}
     for s in sources:
@@ -109,17 +67,20 @@ def _id_problems(sources: list[StudySource]) -> dict[int, tuple[str, str]]:
             problems[s.order] = ("duplicate_id", f"study id appears in input rows {rows}; ids must be unique")
         elif not VALID_ID.match(s.study_id):
             problems[s.order] = ("bad_id", "ids may contain letters, digits, '.', '_' and '-' only")
+        elif s.problem:
+            problems[s.order] = s.problem
     return problems
 
 
 def config_digest(cfg: PrepareConfig) -> str:
     """Settings that change the output; QC and threading do not."""
-    relevant = {k: v for k, v in cfg.to_dict().items() if k not in ("itk_threads", "qc_png")}
+    relevant = {k: v for k, v in cfg.to_dict().items() if k not in ("itk_threads", "qc_png", "max_volume_mib")}
     return hashlib.blake2b(json.dumps(relevant, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
 def _id_failure(source: StudySource, kind: str, message: str) -> dict:
-    return {"order": source.order, "study_id": source.study_id, "cohort": source.cohort, "status": "failed",
+    return {"order": source.order, "study_id": source.study_id, "cohort": source.cohort,
+            "patient_id": source.patient_id or source.study_id, "layout": source.layout, "status": "failed",
             "error_kind": kind, "error": message, "ct_path": str(source.ct or ""), "pet_path": str(source.pet or ""),
             "label_path": str(source.label or ""), "skipped": False}
 

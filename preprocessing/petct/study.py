@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .config import PrepareConfig
+from .dicom_read import GEOMETRY_KEY
 from .errors import StudyError
 from .io import hash_source, read_ct, read_label, read_pet
 from .labels import LabelSet
@@ -96,13 +97,20 @@ class _Timer(dict):
 
 
 def source_hashes(source: StudySource) -> dict:
-    return {"ct": hash_source(source.ct), "pet": hash_source(source.pet), "label": hash_source(source.label)}
+    """blake2b of each input. The series picked inside a folder and the label map are part of what is read: a rerun
+    that picks another series of the same folder, or maps labels otherwise, must redo the study."""
+    label_map = ";".join(f"{v}={n}" for v, n in sorted((source.label_map or {}).items()))
+    return {"ct": hash_source(source.ct) + (f"@{source.ct_series}" if source.ct_series else ""),
+            "pet": hash_source(source.pet) + (f"@{source.pet_series}" if source.pet_series else ""),
+            "label": hash_source(source.label) + (f"@{label_map}" if label_map else "")}
 
 
 def _base_record(source: StudySource, hashes: dict, config_digest: str) -> dict:
     return {
         "order": source.order, "study_id": source.study_id, "cohort": source.cohort,
-        "ct_path": str(source.ct or ""), "pet_path": str(source.pet or ""), "label_path": str(source.label or ""),
+        "patient_id": source.patient_id or source.study_id, "layout": source.layout,
+        "ct_series": source.ct_series, "pet_series": source.pet_series, "ct_path": str(source.ct or ""),
+        "pet_path": str(source.pet or ""), "label_path": str(source.label or ""),
         "source_hashes": hashes, "config_digest": config_digest,
     }
 
@@ -153,11 +161,24 @@ def label_voxels(label: np.ndarray, labels: LabelSet) -> dict[str, int]:
     return {labels.name(v): int(n) for v, n in enumerate(counts) if n}
 
 
+def _read_images(source: StudySource, cfg: PrepareConfig) -> tuple[sitk.Image, sitk.Image]:
+    """CT and PET of the study (the named series inside a DICOM folder), refused above the memory budget."""
+    sid, max_bytes = source.study_id, int(cfg.max_volume_mib * 2**20)
+    return (read_ct(sid, source.ct, source.ct_series, max_bytes),
+            read_pet(sid, source.pet, source.pet_series, max_bytes))
+
+
+def _geometry_note(image: sitk.Image) -> str:
+    """How the reader changed the scanner's geometry ('' = read as stored; e.g. a gantry-tilted stack resampled)."""
+    return image.GetMetaData(GEOMETRY_KEY) if image.HasMetaDataKey(GEOMETRY_KEY) else ""
+
+
 def _prepare(source: StudySource, layout: OutputLayout, cfg: PrepareConfig, timer: _Timer) -> dict:
     sid = source.study_id
+    if source.problem:  # found by discovery (petct.layouts): nothing to read
+        raise StudyError(sid, *source.problem)
     with timer("read"):
-        ct, pet = read_ct(sid, source.ct), read_pet(sid, source.pet)
-        label = read_label(sid, source.label, pet, cfg.labels) if source.label else None
+        ct, pet = _read_images(source, cfg)
     if physical_overlap(ct, pet) <= 0:
         raise StudyError(sid, "no_overlap", "CT and PET fields of view do not intersect in the scanner frame")
     with timer("resample"):
@@ -167,6 +188,9 @@ def _prepare(source: StudySource, layout: OutputLayout, cfg: PrepareConfig, time
             result = register_ct_to_pet(ct_smoothed, pet, cfg.registration)
         except RuntimeError as exc:  # ITK: "Joint PDF summed to zero" = nothing in common at identity
             raise StudyError(sid, "no_overlap", f"CT and PET share no signal at identity ({exc})"[:300]) from exc
+    with timer("read"):  # after registration: a label drawn on the CT follows the CT onto the PET grid
+        label, label_grid = read_label(sid, source.label, pet, cfg.labels, source.label_map, ct,
+                                       result.transform) if source.label else (None, None)
     with timer("resample"):
         ct_on_pet = resample_ct_to_pet(ct_smoothed, pet, result.transform, cfg.ct_fill_hu)
         ct_norm = normalise(sitk.GetArrayViewFromImage(ct_on_pet), cfg.ct_window)
@@ -183,6 +207,7 @@ def _prepare(source: StudySource, layout: OutputLayout, cfg: PrepareConfig, time
         "direction": list(pet.GetDirection()), "ct_window": [cfg.ct_window.lo, cfg.ct_window.hi],
         "pet_window": [cfg.pet_window.lo, cfg.pet_window.hi], "labeled": label is not None,
         "label_voxels": None if label_array is None else label_voxels(label_array, cfg.labels),
+        "label_source_grid": label_grid, "ct_geometry": _geometry_note(ct), "pet_geometry": _geometry_note(pet),
         **result.to_record(),
     }
     if cfg.qc_png:
