@@ -38,7 +38,7 @@ def synth_studies(n: int, tmp: Path) -> list[ValidationStudy]:
         folder = tmp / f"syn_{i:03d}"
         ct, pet = sitk.ReadImage(str(folder / "ct.nii.gz")), sitk.ReadImage(str(folder / "pet.nii.gz"))
         truth = load_motion(folder)
-        out.append(ValidationStudy(folder.name, ct, pet, truth, pet_body_markers(pet, truth)))
+        out.append(ValidationStudy(folder.name, ct, pet, truth, pet_body_markers(pet, ct, truth)))
     return out
 
 

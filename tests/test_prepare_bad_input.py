@@ -54,7 +54,7 @@ def _bad_cases(src: Path, work: Path) -> list[tuple[dict, str, str]]:
     coarse = sitk.Resample(label, [s // 2 for s in label.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor,
                            label.GetOrigin(), [s * 2 for s in label.GetSpacing()], label.GetDirection())
     cases.append((row("bad_label_grid", str(lab / "ct.nii.gz"), str(lab / "pet.nii.gz"),
-                      _write(coarse, work / "coarse_label.nii.gz")), "label_grid", "differs from the PET grid"))
+                      _write(coarse, work / "coarse_label.nii.gz")), "label_grid", "is neither the PET grid"))
     values = sitk.GetArrayFromImage(label)
     values[0, 0, 0] = 12
     wrong = sitk.GetImageFromArray(values)

@@ -40,14 +40,15 @@ def body_markers(shapes: list[Shape], ct: sitk.Image, pet: sitk.Image, truth: si
     return points
 
 
-def pet_body_markers(pet: sitk.Image, truth: sitk.Transform, min_suv: float = 0.3, stride: int = 2) -> np.ndarray:
+def pet_body_markers(pet: sitk.Image, ct: sitk.Image, truth: sitk.Transform, min_suv: float = 0.3,
+                     stride: int = 2) -> np.ndarray:
     """CT-frame markers for a study without analytic anatomy (e.g. `petct.synth`): PET voxel centres (every
-    `stride`-th voxel) with SUV above `min_suv`, mapped to the CT frame by the truth."""
+    `stride`-th voxel) with SUV above `min_suv`, mapped to the CT frame by the truth, kept inside the CT's FOV."""
     suv = sitk.GetArrayViewFromImage(pet)
     keep = np.zeros(suv.shape, bool)
     keep[::stride, ::stride, ::stride] = True
-    points = voxel_points(pet)[(keep & (suv > min_suv)).ravel()]
-    return apply_points(truth, points)
+    points = apply_points(truth, voxel_points(pet)[(keep & (suv > min_suv)).ravel()])
+    return points[_inside_fov(ct, points)]
 
 
 def tre_mm(found: sitk.Transform, truth: sitk.Transform, markers_ct: np.ndarray) -> np.ndarray:
