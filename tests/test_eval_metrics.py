@@ -1,4 +1,5 @@
-"""Hand-counted cases for swinssl.eval.metrics: Dice empty rules, aggregation, lesion detection."""
+"""Hand-counted cases for swinssl.eval.metrics: Dice empty rules, aggregation, lesion detection (the comparison with
+MONAI and an independent autoPET-scorer implementation on random masks is tests/test_metrics_reference.py)."""
 
 from __future__ import annotations
 
@@ -30,16 +31,16 @@ def test_dice_half_overlap_by_hand() -> None:
 def test_dice_empty_rules() -> None:
     truth, pred = _vol(), _vol()
     truth[0, 0, 0] = 2  # class 2 present in truth only -> 0
-    pred[1, 1, 1] = 3  # class 3 predicted only -> 0 (false positive)
+    pred[1, 1, 1] = 3  # class 3 predicted only -> NaN (MONAI ignore_empty=True: no truth, not scored)
     truth[1, 2, 0:3] = 4  # class 4 perfect (3 voxels) -> 1
     pred[1, 2, 0:3] = 4
     d = dice_per_class(pred, truth, num_classes=5)
     assert d[2] == 0.0
-    assert d[3] == 0.0
+    assert math.isnan(d[3])
     assert d[4] == 1.0
     assert math.isnan(d[1])  # absent in both
-    # mean skips the NaN class: (0 + 0 + 1) / 3, not / 4 and not with a free 1.0
-    assert mean_dice(d) == pytest.approx(1 / 3)
+    # mean skips the NaN classes: (0 + 1) / 2, neither / 4 nor with a free 1.0 for the absent classes
+    assert mean_dice(d) == pytest.approx(1 / 2)
 
 
 def test_dice_perfect_and_class_count() -> None:
@@ -146,36 +147,39 @@ def test_lesion_partially_overlapping_component_is_not_fp() -> None:
 
 
 def test_lesion_diagonal_connectivity() -> None:
-    truth = np.zeros((3, 3, 3), dtype=bool)
+    truth = np.zeros((4, 4, 4), dtype=bool)
     truth[0, 0, 0] = True
     truth[1, 1, 1] = True  # corner-touching only: one lesion at 26-, two at 6- and 18-connectivity
+    truth[3, 3, 0] = truth[3, 2, 1] = True  # edge-touching: one lesion at 18- and 26-, two at 6-connectivity
     pred = np.zeros_like(truth)
-    pred[0, 0, 0] = True
-    m26 = lesion_metrics(pred, truth, spacing_zyx=(3.0, 4.0, 4.0), connectivity=3)
-    m6 = lesion_metrics(pred, truth, spacing_zyx=(3.0, 4.0, 4.0), connectivity=1)
-    m18 = lesion_metrics(pred, truth, spacing_zyx=(3.0, 4.0, 4.0), connectivity=2)
-    assert (m26["truth_count"], m26["tp"], m26["fn"]) == (1, 1, 0)
+    pred[0, 0, 0] = pred[3, 3, 0] = True
+    m26 = lesion_metrics(pred, truth, spacing_zyx=(3.0, 4.0, 4.0), connectivity=26)
+    m6 = lesion_metrics(pred, truth, spacing_zyx=(3.0, 4.0, 4.0), connectivity=6)
+    m18 = lesion_metrics(pred, truth, spacing_zyx=(3.0, 4.0, 4.0), connectivity=18)
+    assert (m26["truth_count"], m26["tp"], m26["fn"]) == (2, 2, 0)  # (0,0,0)-(1,1,1) corner-joined; the edge pair
     assert m26["fn_volume_ml"] == 0.0
-    assert (m6["truth_count"], m6["tp"], m6["fn"]) == (2, 1, 1)
-    assert m6["fn_volume_ml"] == pytest.approx(0.048)  # one voxel of 3*4*4 mm^3
-    assert m18["truth_count"] == 2
+    assert (m6["truth_count"], m6["tp"], m6["fn"]) == (4, 2, 2)
+    assert m6["fn_volume_ml"] == pytest.approx(2 * 0.048)  # two voxels of 3*4*4 mm^3
+    assert (m18["truth_count"], m18["tp"], m18["fn"]) == (3, 2, 1)  # only the corner voxel is its own lesion
+    assert m18["fn_volume_ml"] == pytest.approx(0.048)
+    assert lesion_metrics(pred, truth, spacing_zyx=(3.0, 4.0, 4.0)) == m18  # the default is autoPET's 18
 
 
-def test_lesion_default_is_26_connected() -> None:
+def test_lesion_default_is_18_connected_predicted_only() -> None:
     pred = np.zeros((2, 2, 2), dtype=bool)
-    pred[0, 0, 0] = pred[1, 1, 1] = True
+    pred[0, 0, 0] = pred[1, 1, 1] = True  # corner-touching: two false-positive components at 18-connectivity
     m = lesion_metrics(pred, np.zeros_like(pred), spacing_zyx=(1.0, 1.0, 1.0))
-    assert m["pred_count"] == 1 and m["fp"] == 1
-    assert m["fp_volume_ml"] == pytest.approx(0.002)
-    assert m["lesion_dice"] == 0.0  # predicted only -> 0
+    assert m["pred_count"] == 2 and m["fp"] == 2
+    assert m["fp_volume_ml"] == pytest.approx(0.002)  # lesion-free case: only the FP volume is scored
+    assert math.isnan(m["lesion_dice"]) and math.isnan(m["fn_volume_ml"])  # autoPET III: NaN without a truth lesion
 
 
 def test_lesion_both_empty() -> None:
     empty = np.zeros((2, 3, 3), dtype=bool)
     m = lesion_metrics(empty, empty, spacing_zyx=(3.0, 4.07, 4.07))
     assert (m["tp"], m["fn"], m["fp"], m["truth_count"], m["pred_count"]) == (0, 0, 0, 0, 0)
-    assert m["fp_volume_ml"] == 0.0 and m["fn_volume_ml"] == 0.0
-    assert math.isnan(m["lesion_dice"])
+    assert m["fp_volume_ml"] == 0.0
+    assert math.isnan(m["fn_volume_ml"]) and math.isnan(m["lesion_dice"])
 
 
 def test_lesion_missed_entirely() -> None:
@@ -196,7 +200,7 @@ def test_lesion_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="spacing"):
         lesion_metrics(a, a, (0.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="connectivity"):
-        lesion_metrics(a, a, (1.0, 1.0, 1.0), connectivity=4)
+        lesion_metrics(a, a, (1.0, 1.0, 1.0), connectivity=2)  # scipy's rank, not a voxel count
 
 
 # ----------------------------------------------------------------------------- metric families
@@ -258,7 +262,9 @@ def test_study_metrics_families_names_and_fold_aggregation() -> None:
     fold = fold_metrics(rows)
     agg = aggregate([dice_per_class(p, t, 4) for p, t in _two_studies()])  # the pre-family aggregation
     assert fold["dice"]["organ"] == agg["per_class"][1] and fold["dice"]["mean"] == agg["dice_mean"]
-    assert fold["lesion"]["fp"] == rows[0]["lesion"]["fp"] + rows[1]["lesion"]["fp"]
+    assert fold["lesion"]["fp"] == rows[0]["lesion"]["fp"] + rows[1]["lesion"]["fp"]  # counts: summed
+    for key in ("fp_volume_ml", "fn_volume_ml", "lesion_dice"):  # volumes and Dice: the per-case mean (autoPET)
+        assert fold["lesion"][key] == pytest.approx((rows[0]["lesion"][key] + rows[1]["lesion"][key]) / 2)
     assert fold["hd95"]["lesion"] == pytest.approx((rows[0]["hd95"]["lesion"] + rows[1]["hd95"]["lesion"]) / 2)
 
     flat = flat_metrics(cv_summary([fold, fold]))

@@ -14,11 +14,14 @@ pick it up without further changes; a family in the results that is not register
 
 Families of the default run (`eval.metrics: [dice, lesion]`):
 
-- `dice`: `{class name: Dice}` for every foreground class of the label set, and `mean` (mean over the non-NaN
-  classes). Fold level: per class the mean over the studies where it is not NaN; `mean` is the mean of those
-  per-class means (every class weighs the same), not the mean of the per-study means.
-- `lesion`: `metrics.lesion_metrics` of the label set's lesion class (only when the set has one). Fold level: counts
-  and volumes summed over the studies, `lesion_dice` the mean over studies (NaN skipped).
+- `dice`: `{class name: Dice}` for every foreground class of the label set (MONAI `DiceMetric(include_background=
+  False, ignore_empty=True)`: NaN where the truth lacks the class), and `mean` (mean over the non-NaN classes).
+  Fold level: per class the mean over the studies where it is not NaN (MONAI `reduction="mean_batch"`); `mean` is
+  the mean of those per-class means (every class weighs the same), not the mean of the per-study means.
+- `lesion`: `metrics.lesion_metrics` of the label set's lesion class (only when the set has one): the autoPET
+  scorer's per-case numbers on 18-connected components. Fold level as the scorer's cohort value: the volumes and
+  `lesion_dice` are means over the fold's studies, NaN skipped (so `fn_volume_ml` and `lesion_dice` average the
+  lesion-bearing studies, `fp_volume_ml` every study); the detection counts are summed over the studies.
 - `hd95` (off by default): `{class name: 95th-percentile symmetric Hausdorff distance in mm}` (MONAI
   `compute_hausdorff_distance(percentile=95, spacing=...)`) and `mean`; NaN unless the class is in both truth and
   prediction (a missed or spurious class has no finite distance; Dice already scores it). Fold level as `dice`.
@@ -26,6 +29,7 @@ Families of the default run (`eval.metrics: [dice, lesion]`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,7 +37,7 @@ import numpy as np
 
 from petct.labels import LabelSet
 
-from .metrics import aggregate, dice_per_class, fold_summary, hd95_per_class, lesion_metrics, mean_dice
+from .metrics import aggregate, dice_per_class, hd95_per_class, lesion_metrics, mean_dice, nanmean
 
 Values = dict[str, float]
 RESERVED_KEY = "mean"
@@ -81,14 +85,20 @@ def _lesion_study(pred, truth, labels: LabelSet, spacing_zyx) -> Values:
 
 
 COUNT_KEYS = ("tp", "fp", "fn", "truth_count", "pred_count")
-VOLUME_KEYS = ("fp_volume_ml", "fn_volume_ml")
+PER_CASE_MEAN_KEYS = ("fp_volume_ml", "fn_volume_ml", "lesion_dice")
+"""Averaged over cases (the autoPET scorer's cohort mean), never summed over a fold."""
 
 
 def _lesion_fold(rows: list[Values]) -> Values:
+    """Counts summed over the studies; volumes and Dice the mean over studies, NaN (lesion-free truth) skipped."""
     out: Values = {k: int(sum(r[k] for r in rows)) for k in COUNT_KEYS}
-    out.update({k: float(sum(r[k] for r in rows)) for k in VOLUME_KEYS})
-    out["lesion_dice"] = fold_summary([r["lesion_dice"] for r in rows])["mean"]
+    out.update({k: nanmean([_float(r[k]) for r in rows]) for k in PER_CASE_MEAN_KEYS})
     return out
+
+
+def _float(value) -> float:
+    """A per-study value as float; None (a NaN that went through metrics.json) -> NaN."""
+    return math.nan if value is None else float(value)
 
 
 FAMILIES: dict[str, Family] = {

@@ -1,24 +1,43 @@
-"""Segmentation metrics for one study and their aggregation over studies and folds.
+"""Segmentation metrics for one study and their aggregation over studies and folds, as the references compute them.
 
-Arrays are label volumes in (z, y, x) order (the order of a NumPy array read from NIfTI/ITK with
-the slice axis first); `spacing_zyx` is the voxel size in millimetres in that same order.
+Arrays are label volumes in (z, y, x) order (the order of a NumPy array read from NIfTI/ITK with the slice axis
+first); `spacing_zyx` is the voxel size in millimetres in that same order.
 
-Empty-class rule of every Dice here (per class and lesion-wise):
+**Per-class Dice** (`dice_per_class`) is MONAI's `DiceMetric(include_background=False, ignore_empty=True,
+num_classes=K)` on class-index volumes, value for value (tests/test_metrics_reference.py checks it against MONAI):
 
-- class absent in both truth and prediction -> NaN. The study carries no information about that
-  class, so it is *not counted*: scoring it 1.0 would inflate the mean with free perfect scores,
-  scoring it 0.0 would punish a correct "nothing here". NaNs are skipped by `mean_dice`,
-  `aggregate` and `fold_summary`.
-- class absent in truth but predicted -> 0.0 (false positives are penalised).
-- class present in truth but absent from the prediction -> 0.0.
+- class present in the truth -> 2 |P & T| / (|P| + |T|) (0.0 when not predicted at all);
+- class absent from the truth -> NaN, *whether or not it is predicted* (MONAI's `ignore_empty=True`, its default,
+  and the autoPET scorer's rule for the lesion class). A study without the class says nothing about how well the
+  class is delineated, so it is not counted; a spurious lesion in a lesion-free study is scored by the
+  false-positive volume instead.
 
-HD95 (`hd95_per_class`): per class, the 95th percentile of the symmetric surface distance in mm (MONAI); NaN
-unless the class is present in both truth and prediction.
+Aggregation (`aggregate`, one fold's studies): per class, the mean over the studies where the class is not NaN,
+which is `DiceMetric(reduction="mean_batch")` (where no study has the class MONAI writes 0.0 with `not_nans` = 0;
+we write NaN, so the class is not counted anywhere). `dice_mean` is the mean over classes of those per-class
+means (every class weighs the same, as in nnU-Net's foreground mean); it is *not* MONAI's `reduction="mean"`
+(mean over classes per study, then over studies), which lets frequent classes dominate. `mean_dice` of one study
+is the mean over its non-NaN classes (MONAI's per-study channel average).
 
-Lesion-wise detection follows the autoPET challenge: connected components of the truth and of
-the predicted lesion masks (26-connected by default); a truth lesion is detected when any of its
-voxels is predicted lesion; a predicted component is a false positive when it touches no truth
-lesion voxel. Volumes are in mL: voxel volume = prod(spacing_mm) / 1000.
+**Lesion metrics** (`lesion_metrics`) are those of the autoPET challenge scorer (lab-midas/autoPET `val_script.py`;
+the autoPET III scorer ClinicalDataScience/autoPETIII `evaluation-metrics/evaluation_metrics.py` adds the
+lesion-free rule), per case:
+
+- lesions are the connected components of each binary mask at 18-connectivity (faces and edges, not corners),
+  computed with `cc3d.connected_components(mask, connectivity=18)` as the scorer does;
+- false-positive volume: summed volume of the predicted components that touch no truth lesion voxel (0 when
+  nothing is predicted); false-negative volume: summed volume of the truth components that touch no predicted
+  voxel; in mL, voxel volume = prod(spacing_mm) / 1000;
+- lesion Dice: voxel Dice of the two masks;
+- **lesion-free truth**: Dice and false-negative volume are NaN (not counted; the autoPET III scorer returns
+  `nan` for both), the false-positive volume counts as usual. So only the false-positive volume is scored on a
+  lesion-free case, as in autoPET III.
+- detection counts on the same 18-connected components: `tp`/`fn` truth lesions hit/missed, `fp` predicted
+  components touching no truth lesion, `truth_count`, `pred_count`.
+
+The scorer's cohort value is the mean over cases of each per-case number, NaN skipped (pandas `mean`); the fold
+aggregation in `families` does the same (counts are summed). HD95 (`hd95_per_class`): per class, the 95th
+percentile of the symmetric surface distance in mm (MONAI); NaN unless the class is in both truth and prediction.
 """
 
 from __future__ import annotations
@@ -27,18 +46,22 @@ import math
 import warnings
 from collections.abc import Sequence
 
+import cc3d
 import numpy as np
-from scipy import ndimage
 
-__all__ = ["dice_per_class", "mean_dice", "aggregate", "fold_summary", "lesion_metrics", "hd95_per_class"]
+__all__ = ["dice_per_class", "mean_dice", "aggregate", "fold_summary", "lesion_metrics", "hd95_per_class",
+           "nanmean", "CONNECTIVITY"]
+
+CONNECTIVITY = 18
+"""Lesion components as the autoPET scorer labels them: 18-connected (voxels sharing a face or an edge)."""
 
 
 def _dice(intersection: int, truth_size: int, pred_size: int) -> float:
-    """Dice from voxel counts with the module's empty rule: NaN when both are empty."""
-    denom = truth_size + pred_size
-    if denom == 0:
+    """Dice from voxel counts with the module's empty rule (MONAI `ignore_empty=True`, autoPET III): NaN when the
+    truth is empty, whatever was predicted."""
+    if truth_size == 0:
         return math.nan
-    return 2.0 * intersection / denom
+    return 2.0 * intersection / (truth_size + pred_size)
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int | None = None) -> dict[int, float]:
@@ -51,8 +74,9 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int | None 
             largest label present + 1 (at least 2).
 
     Returns:
-        {class: dice} for classes 1..num_classes-1, each in [0, 1] or NaN (see the module's
-        empty-class rule). Background is never scored.
+        {class: dice} for classes 1..num_classes-1, each in [0, 1], or NaN where the class is absent from the
+        truth (the module's empty rule, MONAI `DiceMetric(include_background=False, ignore_empty=True)`).
+        Background is never scored.
 
     Raises:
         ValueError: shapes differ, non-integer arrays, or labels outside [0, num_classes).
@@ -78,15 +102,16 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int | None 
     return {c: _dice(int(confusion[c, c]), int(truth_sizes[c]), int(pred_sizes[c])) for c in range(1, num_classes)}
 
 
-def _nanmean(values: Sequence[float]) -> float:
-    """Mean of the non-NaN values; NaN (without a RuntimeWarning) when there are none."""
+def nanmean(values: Sequence[float]) -> float:
+    """Mean of the non-NaN values (pandas' `Series.mean`, the autoPET scorer's cohort mean); NaN, without a
+    RuntimeWarning, when there are none."""
     kept = [float(v) for v in values if not math.isnan(v)]
     return math.fsum(kept) / len(kept) if kept else math.nan
 
 
 def mean_dice(per_class: dict[int, float]) -> float:
     """Mean over classes of a `dice_per_class` result, skipping NaN classes; NaN if all are NaN/empty."""
-    return _nanmean(list(per_class.values()))
+    return nanmean(list(per_class.values()))
 
 
 def aggregate(per_study: list[dict[int, float]]) -> dict:
@@ -102,8 +127,10 @@ def aggregate(per_study: list[dict[int, float]]) -> dict:
           "dice_mean": mean over classes of the non-NaN per-class means (NaN if none),
           "studies": len(per_study),
         }
-        Classes are the sorted union of the keys. Note "dice_mean" weights every class equally,
-        which differs from averaging `mean_dice` over studies.
+        Classes are the sorted union of the keys. "per_class" and "count" are MONAI
+        `DiceMetric(reduction="mean_batch", get_not_nans=True)`'s result and `not_nans` (NaN where MONAI writes 0.0
+        for a count of 0). "dice_mean" weights every class equally, which differs from averaging `mean_dice` over
+        studies (MONAI `reduction="mean"`).
 
     Raises:
         ValueError: `per_study` is empty.
@@ -116,11 +143,11 @@ def aggregate(per_study: list[dict[int, float]]) -> dict:
     for c in classes:
         values = [study[c] for study in per_study if c in study and not math.isnan(study[c])]
         count[c] = len(values)
-        per_class[c] = _nanmean(values)
+        per_class[c] = nanmean(values)
     return {
         "per_class": per_class,
         "count": count,
-        "dice_mean": _nanmean(list(per_class.values())),
+        "dice_mean": nanmean(list(per_class.values())),
         "studies": len(per_study),
     }
 
@@ -146,28 +173,27 @@ def lesion_metrics(
     pred_lesion: np.ndarray,
     truth_lesion: np.ndarray,
     spacing_zyx: tuple[float, float, float],
-    connectivity: int = 3,
+    connectivity: int = CONNECTIVITY,
 ) -> dict:
-    """autoPET-style lesion-wise detection and false-positive/negative volumes for one study.
+    """The autoPET scorer's lesion numbers for one study (see the module docstring for the definitions and sources).
 
     Args:
         pred_lesion: (Z, Y, X) bool mask of voxels predicted as lesion (e.g. `pred == labels.lesion`).
         truth_lesion: (Z, Y, X) bool mask of truth lesion voxels, same shape.
         spacing_zyx: voxel size in mm in array order (z, y, x), e.g. (3.0, 4.07, 4.07).
-        connectivity: neighbourhood of the connected components, as in
-            `scipy.ndimage.generate_binary_structure(3, connectivity)`: 1 = 6-connected (faces),
-            2 = 18-connected (faces + edges), 3 = 26-connected (faces + edges + corners, default).
+        connectivity: cc3d neighbourhood of the components: 18 (faces + edges, the scorer's, default), 6 (faces)
+            or 26 (faces + edges + corners); only for comparisons, reported numbers use 18.
 
     Returns:
         {
           "tp": truth components overlapping at least one predicted lesion voxel,
           "fn": truth components with no predicted lesion voxel,
           "fp": predicted components overlapping no truth lesion voxel,
-          "fp_volume_ml": total volume of those false-positive predicted components (mL),
-          "fn_volume_ml": total volume of the missed truth components (mL),
+          "fp_volume_ml": summed volume of those false-positive predicted components (mL; 0.0 if none),
+          "fn_volume_ml": summed volume of the missed truth components (mL); NaN when the truth has no lesion,
           "truth_count": number of truth components (= tp + fn),
           "pred_count": number of predicted components,
-          "lesion_dice": voxel Dice of the two masks (NaN if both are empty),
+          "lesion_dice": voxel Dice of the two masks; NaN when the truth has no lesion,
         }
         Counts are ints, the rest floats.
 
@@ -182,40 +208,35 @@ def lesion_metrics(
         raise ValueError(f"lesion masks must be 3-D (z, y, x), got {pred.ndim}-D")
     if len(spacing_zyx) != 3 or any(not (float(s) > 0) for s in spacing_zyx):
         raise ValueError(f"spacing_zyx must be three positive mm values, got {spacing_zyx}")
-    if connectivity not in (1, 2, 3):
-        raise ValueError(f"connectivity must be 1 (6-), 2 (18-) or 3 (26-connected), got {connectivity}")
+    if connectivity not in (6, 18, 26):
+        raise ValueError(f"connectivity must be 6, 18 (autoPET's) or 26 voxels, got {connectivity}")
 
     voxel_ml = float(np.prod([float(s) for s in spacing_zyx])) / 1000.0
-    structure = ndimage.generate_binary_structure(3, connectivity)
-    truth_lab, truth_count = ndimage.label(truth, structure=structure)
-    pred_lab, pred_count = ndimage.label(pred, structure=structure)
-
-    # Component ids touched by the other mask (0 = background is dropped).
-    hit_truth = np.unique(truth_lab[pred & truth])
-    hit_pred = np.unique(pred_lab[pred & truth])
-    hit_truth = hit_truth[hit_truth > 0]
-    hit_pred = hit_pred[hit_pred > 0]
-
-    truth_sizes = np.bincount(truth_lab.ravel(), minlength=truth_count + 1)
-    pred_sizes = np.bincount(pred_lab.ravel(), minlength=pred_count + 1)
-    missed = np.ones(truth_count + 1, dtype=bool)
-    missed[0] = False
-    missed[hit_truth] = False
-    spurious = np.ones(pred_count + 1, dtype=bool)
-    spurious[0] = False
-    spurious[hit_pred] = False
-
-    intersection = int(np.count_nonzero(pred & truth))
+    overlap = pred & truth
+    truth_sizes, truth_hit = _components(truth, overlap, connectivity)
+    pred_sizes, pred_hit = _components(pred, overlap, connectivity)
+    lesion_free = truth_sizes.size == 0
     return {
-        "tp": int(hit_truth.size),
-        "fn": int(truth_count - hit_truth.size),
-        "fp": int(pred_count - hit_pred.size),
-        "fp_volume_ml": float(pred_sizes[spurious].sum()) * voxel_ml,
-        "fn_volume_ml": float(truth_sizes[missed].sum()) * voxel_ml,
-        "truth_count": int(truth_count),
-        "pred_count": int(pred_count),
-        "lesion_dice": _dice(intersection, int(truth.sum()), int(pred.sum())),
+        "tp": int(truth_hit.sum()),
+        "fn": int((~truth_hit).sum()),
+        "fp": int((~pred_hit).sum()),
+        "fp_volume_ml": float(pred_sizes[~pred_hit].sum()) * voxel_ml,
+        "fn_volume_ml": math.nan if lesion_free else float(truth_sizes[~truth_hit].sum()) * voxel_ml,
+        "truth_count": int(truth_sizes.size),
+        "pred_count": int(pred_sizes.size),
+        "lesion_dice": _dice(int(np.count_nonzero(overlap)), int(truth.sum()), int(pred.sum())),
     }
+
+
+def _components(mask: np.ndarray, touched: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components of `mask`: (voxel count of each, whether each contains a voxel of `touched`), in label
+    order 1..N; two empty arrays when the mask is empty."""
+    labels, count = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
+    labels = labels.ravel()
+    sizes = np.bincount(labels, minlength=count + 1)[1:]
+    hit = np.zeros(count + 1, dtype=bool)
+    hit[labels[touched.ravel()]] = True
+    return sizes, hit[1:]
 
 
 def hd95_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int,
