@@ -5,6 +5,7 @@ script), all without Ray: validation happens before Ray starts (`make test-fast`
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -88,6 +89,24 @@ def test_prepare_refuses_an_input_without_studies(tmp_path, capsys):
     code, err = _run(["prepare", "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "out"),
                       "--workers", "0", "--quiet"], capsys)
     _assert_input_error(code, err, "prepare", str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("budget", ["0", "-5", "lots"])
+def test_prepare_bad_volume_budget(tmp_path, capsys, budget):
+    code, err = _run(["prepare", "--input", str(tmp_path), "--out", str(tmp_path / "out"), "--max-volume-mib", budget],
+                     capsys)
+    _assert_input_error(code, err, "prepare", "--max-volume-mib")
+
+
+def test_prepare_volume_budget_fails_the_study_not_the_run(tmp_path, capsys):
+    """A volume above `--max-volume-mib` is refused from its header (too_large), the run finishes with exit 3."""
+    from petct.synth import synth_cohort
+
+    cohort = synth_cohort(tmp_path / "cohort", unlabeled=1, labeled=0, seed=0, scale="small")
+    code = main(["prepare", "--input", str(cohort), "--out", str(tmp_path / "out"), "--workers", "0", "--quiet",
+                 "--no-qc", "--max-volume-mib", "0.5"])
+    record = json.loads((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()[0])
+    assert code == 3 and record["error_kind"] == "too_large" and "--max-volume-mib" in record["error"], record
 
 
 @pytest.mark.parametrize("window", ["5,1", "abc"])

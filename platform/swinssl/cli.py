@@ -64,7 +64,8 @@ def _prepare(args: argparse.Namespace) -> int:
     labels = LabelSet.load(args.labels) if args.labels else PSMA  # a bad map file exits 2 before any study runs
     cfg = PrepareConfig(ct_window=_window(args.ct_window, "--ct-window"), pet_window=_window(args.pet_window,
                                                                                                 "--pet-window"),
-                        itk_threads=args.itk_threads, qc_png=not args.no_qc, labels=labels)
+                        itk_threads=args.itk_threads, qc_png=not args.no_qc, labels=labels,
+                        max_volume_mib=_budget_mib(args.max_volume_mib))
     if args.no_registration:
         cfg = replace(cfg, registration=replace(cfg.registration, enabled=False))
     summary = prepare_cohort(args.input, args.out, cfg, workers=args.workers, progress=not args.quiet)
@@ -81,6 +82,17 @@ def _window(text: str, flag: str):
         return Window.parse(text)
     except ValueError as exc:
         raise ValueError(f"{flag} {text!r}: give LO,HI with LO < HI, e.g. -1000,1000 ({exc})") from None
+
+
+def _budget_mib(text: str) -> float:
+    """`--max-volume-mib`: a number of MiB > 0; a bad one names the flag."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"--max-volume-mib {text!r}: give a size in MiB > 0, e.g. 4096")
+    return value
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -259,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--no-registration", action="store_true", help="resample with identity (scanner frame)")
     prep.add_argument("--no-qc", action="store_true", help="skip the per-study QC PNGs")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.add_argument("--max-volume-mib", default="4096", metavar="MIB",
+                      help="refuse a CT or PET whose float32 volume would exceed this (checked from the headers)")
     prep.add_argument("--labels", metavar="FILE", help="label map (YAML/JSON), e.g. {0: background, 1: lesion}; a "
                       "label value outside it fails its study (default: the 12 PSMA classes)")
     prep.set_defaults(run=_prepare)

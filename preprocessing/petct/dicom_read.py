@@ -363,7 +363,8 @@ def scan_series(study_id: str, folder: Path, modality: str, series_uid: str = ""
         z, y, x = series.output_shape()
         raise StudyError(study_id, "too_large", f"{folder}: {x}x{y}x{z} voxels = {series.nbytes() / 2**20:.0f} MiB "
                          f"as float32, above the budget of {max_bytes / 2**20:.0f} MiB; raise "
-                         "PrepareConfig.max_volume_mib if the machine has the memory")
+                         "PrepareConfig.max_volume_mib (`swinssl prepare --max-volume-mib`) if the machine has the "
+                         "memory")
     return series
 
 

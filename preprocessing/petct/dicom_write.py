@@ -74,6 +74,7 @@ def _common(meta: dict, uids: dict, modality: str, sop_class: str) -> Dataset:
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = start.strftime("%Y%m%d")
     ds.StudyTime = ds.SeriesTime = start.strftime("%H%M%S")
     ds.SeriesNumber = 2 if modality == "CT" else 3
+    ds.SeriesDescription = "CT synthetic phantom" if modality == "CT" else "PET AC synthetic phantom"
     ds.StudyID, ds.AccessionNumber, ds.Manufacturer = "1", "", "swinssl synthetic phantom"
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15

@@ -102,7 +102,8 @@ def _check_shape(study_id: str, path: Path, what: str, max_bytes: int | None) ->
     if max_bytes is not None and nbytes > max_bytes:
         raise StudyError(study_id, "too_large", f"{what} {path.name}: {size[0]}x{size[1]}x{size[2]} voxels = "
                          f"{nbytes / 2**20:.0f} MiB as float32, above the budget of {max_bytes / 2**20:.0f} MiB; "
-                         "raise PrepareConfig.max_volume_mib if the machine has the memory")
+                         "raise PrepareConfig.max_volume_mib (`swinssl prepare --max-volume-mib`) if the machine "
+                         "has the memory")
 
 
 def _read_file(study_id: str, path: Path, pixel: int, what: str, max_bytes: int | None = None) -> sitk.Image:
