@@ -1,5 +1,6 @@
-"""Batch pretext transforms (quarter-turn rotation labels, cutout boxes and fillings) as the SwinUNETR pretraining
-recipe defines them (Tang et al., CVPR 2022)."""
+"""Batch pretext transforms: quarter-turn rotation labels, the two cutout variants' boxes and fillings (the default
+"reference" one against the SwinUNETR pretraining's statistics: tests/test_cutout_reference.py), and that no view is
+filled from its own twin (the batch_size=1 shortcut)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import math
 import pytest
 import torch
 
-from swinssl.tasks.pretext_ops import cutout, random_rotation, rotate_quarter
+from swinssl.config import PretrainConfig, load_config
+from swinssl.tasks.pretext_ops import cutout, cutout_v1, random_rotation, rotate_quarter
+from swinssl.tasks.pretrain import PretrainTask
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -83,7 +86,7 @@ def test_rotation_keeps_dtype_and_gradient():
     assert torch.equal(x.grad, rotate_quarter(weights, -k))
 
 
-# ------------------------------------------------------------------------------------------------- cutout
+# ------------------------------------------------------------------------------------------ cutout swinssl_v1
 
 SHAPE = (4, 2, 20, 32, 40)
 
@@ -100,18 +103,18 @@ def _fraction(mask: torch.Tensor) -> torch.Tensor:
     return mask.flatten(1).float().mean(1)
 
 
-def test_cutout_shape_dtype_preserved():
+def test_v1_cutout_shape_dtype_preserved():
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         x = torch.rand(SHAPE, generator=_gen(0)).to(dtype)
-        x_cut, mask = cutout(x, _gen(1))
+        x_cut, mask = cutout_v1(x, _gen(1))
         assert x_cut.shape == x.shape and x_cut.dtype == dtype and x_cut.device == x.device
         assert mask.shape == (SHAPE[0], 1, *SHAPE[2:]) and mask.dtype == torch.bool
         assert mask.any()
 
 
-def test_cutout_noise_fill_mask_marks_exactly_the_changed_voxels():
+def test_v1_cutout_noise_fill_mask_marks_exactly_the_changed_voxels():
     x = -1.0 - torch.rand(SHAPE, generator=_gen(0))  # values in (-2, -1]: noise in [0, 1) never equals them
-    x_cut, mask = cutout(x, _gen(3), cross_sample_prob=0.0)
+    x_cut, mask = cutout_v1(x, _gen(3), cross_sample_prob=0.0)
     changed = x_cut != x  # (B, C, D, H, W)
     assert torch.equal(changed, mask.expand_as(x))  # every channel of a hole changes, nothing else
     holes = x_cut[mask.expand_as(x)]
@@ -119,10 +122,10 @@ def test_cutout_noise_fill_mask_marks_exactly_the_changed_voxels():
     assert holes.std() > 0.2  # uniform noise (std 0.289), not a constant fill
 
 
-def test_cutout_partner_fill_takes_the_rolled_sample():
+def test_v1_cutout_partner_fill_takes_the_rolled_sample():
     batch = SHAPE[0]
     x = torch.rand(SHAPE, generator=_gen(0)) + 10.0 * torch.arange(1, batch + 1).view(-1, 1, 1, 1, 1)
-    x_cut, mask = cutout(x, _gen(4), cross_sample_prob=1.0)
+    x_cut, mask = cutout_v1(x, _gen(4), cross_sample_prob=1.0)
     full = mask.expand_as(x)
     assert mask.any()
     partner = x.roll(1, dims=0)  # sample b is filled from sample b - 1 (uncut)
@@ -131,10 +134,10 @@ def test_cutout_partner_fill_takes_the_rolled_sample():
     assert torch.equal(x_cut != x, full)
 
 
-def test_cutout_mixed_fill_every_hole_is_noise_or_partner():
+def test_v1_cutout_mixed_fill_every_hole_is_noise_or_partner():
     batch = SHAPE[0]
     x = torch.rand(SHAPE, generator=_gen(0)) + 10.0 * torch.arange(1, batch + 1).view(-1, 1, 1, 1, 1)
-    x_cut, mask = cutout(x, _gen(8), cross_sample_prob=0.5, max_boxes=40, max_drop=1.0)
+    x_cut, mask = cutout_v1(x, _gen(8), cross_sample_prob=0.5, max_boxes=40, max_drop=1.0)
     full = mask.expand_as(x)
     from_partner = x_cut == x.roll(1, dims=0)
     from_noise = (x_cut >= 0) & (x_cut < 1)
@@ -143,37 +146,37 @@ def test_cutout_mixed_fill_every_hole_is_noise_or_partner():
     assert torch.equal(x_cut[~full], x[~full])
 
 
-def test_cutout_single_sample_falls_back_to_noise():
+def test_v1_cutout_single_sample_falls_back_to_noise():
     x = torch.rand((1, *SHAPE[1:]), generator=_gen(0)) + 5.0
-    x_cut, mask = cutout(x, _gen(2), cross_sample_prob=1.0)
+    x_cut, mask = cutout_v1(x, _gen(2), cross_sample_prob=1.0)
     full = mask.expand_as(x)
     assert mask.any()
     assert torch.equal(x_cut != x, full)
     assert x_cut[full].max() < 1.0 and x_cut[full].min() >= 0.0
 
 
-def test_cutout_dropped_fraction_bounds():
+def test_v1_cutout_dropped_fraction_bounds():
     x = torch.rand(SHAPE, generator=_gen(0))
     spatial = SHAPE[2:]
     min_box, max_box = _box_volume_bounds(0.05, 0.25, spatial)
     # Default cap of 16 boxes: at least one box each, never beyond max_drop + one box.
-    _, mask = cutout(x, _gen(1))
+    _, mask = cutout_v1(x, _gen(1))
     frac = _fraction(mask)
     assert (frac >= min_box).all() and (frac < 0.3 + max_box).all()
     # Enough boxes to reach max_drop: every sample stops in [max_drop, max_drop + one box).
-    _, mask = cutout(x, _gen(1), max_boxes=300)
+    _, mask = cutout_v1(x, _gen(1), max_boxes=300)
     frac = _fraction(mask)
     assert (frac >= 0.3).all() and (frac < 0.3 + max_box).all(), frac
     # max_drop = 0 drops nothing.
-    x_cut, mask = cutout(x, _gen(1), max_drop=0.0)
+    x_cut, mask = cutout_v1(x, _gen(1), max_drop=0.0)
     assert not mask.any() and torch.equal(x_cut, x)
 
 
-def test_cutout_single_box_sides_within_bounds():
+def test_v1_cutout_single_box_sides_within_bounds():
     batch, spatial = 64, (20, 32, 40)
     x = torch.rand(batch, 1, *spatial, generator=_gen(0))
     min_side, max_side = 0.1, 0.3
-    _, mask = cutout(x, _gen(9), min_side=min_side, max_side=max_side, max_boxes=1)
+    _, mask = cutout_v1(x, _gen(9), min_side=min_side, max_side=max_side, max_boxes=1)
     sides = []
     for b in range(batch):
         m = mask[b, 0]
@@ -191,10 +194,93 @@ def test_cutout_single_box_sides_within_bounds():
     assert min(w_sides) <= 5 and max(w_sides) >= 11
 
 
-def test_cutout_reproducible_with_seed():
+def test_v1_cutout_reproducible_with_seed():
+    x = torch.rand(SHAPE, generator=_gen(0))
+    a_cut, a_mask = cutout_v1(x, _gen(11))
+    b_cut, b_mask = cutout_v1(x, _gen(11))
+    assert torch.equal(a_cut, b_cut) and torch.equal(a_mask, b_mask)
+    c_cut, c_mask = cutout_v1(x, _gen(12))
+    assert not torch.equal(a_mask, c_mask) and not torch.equal(a_cut, c_cut)
+
+
+# ------------------------------------------------------------------------------------------- cutout reference
+
+
+def test_reference_cutout_shape_dtype_preserved():
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = torch.rand(SHAPE, generator=_gen(0)).to(dtype)
+        x_cut, mask = cutout(x, _gen(1))
+        assert x_cut.shape == x.shape and x_cut.dtype == dtype and x_cut.device == x.device
+        assert mask.shape == (SHAPE[0], 1, *SHAPE[2:]) and mask.dtype == torch.bool
+        assert mask.any()
+
+
+def test_reference_noise_is_min_max_scaled_per_box_over_all_channels():
+    # one crop per batch (copies = B): no partner pass; a tiny drop target: exactly one box per view
+    x = -1.0 - torch.rand(SHAPE, generator=_gen(0))  # values in (-2, -1]: noise in [0, 1] never equals them
+    x_cut, mask = cutout(x, _gen(3), copies=SHAPE[0], max_drop=1e-9)
+    assert torch.equal(x_cut != x, mask.expand_as(x))  # every channel of a hole changes, nothing else
+    for b in range(SHAPE[0]):
+        holes = x_cut[b][mask[b].expand_as(x[b])]
+        assert holes.min().item() == 0.0 and holes.max().item() == 1.0  # scaled over the box and both channels
+        assert 0.08 < holes.std().item() < 0.3  # scaled Gaussian (sd ~ 1 / range), not a constant fill
+
+
+def test_reference_drop_fraction_bounds():
+    x = torch.rand(SHAPE, generator=_gen(0))
+    min_box, max_box = _box_volume_bounds(0.05, 0.25, SHAPE[2:])
+    frac = _fraction(cutout(x, _gen(1))[1])
+    # at least one box; each pass covers below max_drop plus its last box (two passes at most)
+    assert (frac >= min_box * 0.9).all() and (frac < 2 * (0.3 + max_box)).all()
+    x_cut, mask = cutout(x, _gen(1), max_drop=0.0)  # U(0, 0) targets: no box at all
+    assert not mask.any() and torch.equal(x_cut, x)
+
+
+def test_reference_cutout_reproducible_with_seed():
     x = torch.rand(SHAPE, generator=_gen(0))
     a_cut, a_mask = cutout(x, _gen(11))
     b_cut, b_mask = cutout(x, _gen(11))
     assert torch.equal(a_cut, b_cut) and torch.equal(a_mask, b_mask)
     c_cut, c_mask = cutout(x, _gen(12))
     assert not torch.equal(a_mask, c_mask) and not torch.equal(a_cut, c_cut)
+
+
+def test_cutout_rejects_unknown_variant_and_bad_copies():
+    x = torch.rand(SHAPE, generator=_gen(0))
+    with pytest.raises(ValueError, match="unknown cutout variant"):
+        cutout(x, _gen(0), variant="tang")
+    for variant in ("reference", "swinssl_v1"):
+        with pytest.raises(ValueError, match="copies=3"):
+            cutout(x, _gen(0), variant=variant, copies=3)
+
+
+# ------------------------------------------------------------------------------ the batch_size=1 shortcut
+
+
+@pytest.mark.parametrize("variant", ["reference", "swinssl_v1"])
+def test_batch_size_one_views_are_never_filled_from_their_twin(variant):
+    """data.batch_size=1: the two views of the one crop are the whole batch. Before the fix swinssl_v1 filled every
+    cross-sample hole of view 1 from view 2 (and back); now every hole holds noise."""
+    cfg = load_config(None, ["model.feature_size=12", "data.roi=[32,32,32]", "data.batch_size=1",
+                             f"pretext.cutout={variant}", "pretext.cutout_cross_sample=1.0"], PretrainConfig)
+    task = PretrainTask(cfg)
+    assert task.copies == 2
+    x = 2.0 + torch.rand(1, 2, 32, 32, 32, generator=_gen(0))  # crop content in [2, 3), noise in [0, 1]
+    for seed in range(3):
+        views = task._views(x, _gen(seed))
+        for view, twin in ((0, 1), (1, 0)):
+            full = views.holes[view].expand_as(views.cut[view])
+            filled = views.cut[view][full]
+            assert filled.numel() > 0
+            assert not bool((filled == views.target[twin][full]).any())  # no voxel of the twin's content
+            assert filled.max().item() <= 1.0  # noise only: the twin is the only other sample
+        assert torch.equal(views.cut[~views.holes.expand_as(views.cut)], views.target[~views.holes.expand_as(
+            views.target)])
+
+
+def test_v1_partner_is_never_the_twin_but_another_crop_when_there_is_one():
+    # two crops x two views, stacked [v1 c0, v1 c1, v2 c0, v2 c1]: sample b takes from b - 1, never from b +- 2
+    x = torch.rand(4, 1, 20, 32, 40, generator=_gen(0)) + 10.0 * torch.arange(1, 5).view(-1, 1, 1, 1, 1)
+    x_cut, mask = cutout_v1(x, _gen(4), copies=2, cross_sample_prob=1.0)
+    full = mask.expand_as(x)
+    assert mask.any() and torch.equal(x_cut[full], x.roll(1, dims=0)[full])

@@ -86,17 +86,29 @@ class PretextConfig:
     rotation_dims: list[int] = field(default_factory=lambda: [-2, -1])
     """Plane of the quarter turns: two different dims of the (Z, Y, X) crop (-3..2; default the axial plane). The
     crop sides in that plane must be equal while loss.w_rotation > 0."""
+    cutout: Literal["reference", "swinssl_v1"] = "reference"
+    """Cutout variant. "reference": the SwinUNETR pretraining's (Project-MONAI/research-contributions,
+    SwinUNETR/Pretrain/utils/ops.py): a noise pass and, unless the drawn partner is the view itself (1 in n crops per
+    batch), a pass copying another crop of the same view batch, each covering U(0, cutout_max_drop) of the voxels;
+    noise N(0, 1) min-max scaled per box. "swinssl_v1": swinssl's first variant, boxes until cutout_max_drop is
+    reached, uniform noise, cutout_cross_sample and cutout_max_boxes. Neither fills a view from its own twin."""
     cutout_min_side: float = 0.05
-    """Smallest side of a cut-out box, as a fraction of the crop side, in (0, 1]."""
+    """Smallest side of a cut-out box, as a fraction of the crop side, in (0, 1] ("reference": sides from
+    floor(min_side * S), as the reference draws them)."""
     cutout_max_side: float = 0.25
-    """Largest side of a cut-out box, as a fraction of the crop side, in [cutout_min_side, 1]."""
+    """Largest side of a cut-out box, as a fraction of the crop side, in [cutout_min_side, 1] ("reference": sides
+    up to floor(max_side * S) - 1, as the reference draws them)."""
     cutout_max_drop: float = 0.3
-    """A view keeps receiving boxes while less than this fraction of its voxels is dropped (at most
-    cutout_max_boxes rounds), so the dropped fraction ends below it plus one box."""
+    """With cutout=reference each pass draws boxes until a U(0, cutout_max_drop) share of the voxels is covered
+    (overlaps counted); with swinssl_v1 a view keeps receiving boxes while less than this fraction of its voxels is
+    dropped (at most cutout_max_boxes rounds), so the dropped fraction ends below it plus one box."""
     cutout_cross_sample: float = 0.3
-    """Probability that a hole is filled with the same region of another sample instead of noise."""
+    """Read by cutout=swinssl_v1 only: probability that a hole is filled with the same region of another crop
+    instead of noise (the reference fills a whole second pass from another crop, with probability (n - 1) / n for
+    n crops per batch)."""
     cutout_max_boxes: int = 100
-    """Box draws per sample; ~100 boxes of 5-25 % sides are needed to reach the ~30 % drop of the reference."""
+    """Read by cutout=swinssl_v1 only: box draws per sample; ~100 boxes of 5-25 % sides are needed to reach a ~30 %
+    drop. The reference variant draws boxes until each pass's share is covered."""
 
 
 @dataclass
@@ -224,6 +236,11 @@ class CVConfig:
     """One fold index (0..folds-1) or -1 for all folds."""
     seed: int = 0
     """Seed of the fold split (folds stay fixed when trainer.seed changes)."""
+    train_studies: int = 0
+    """Label efficiency: 0 trains each fold on its whole training set; N > 0 on the first whole patients, in a
+    seeded order of the fold's training patients (from `seed` and the fold index), holding at least N studies
+    (exactly N with one study per patient). Subsets are nested (N=1's inside N=2's inside all); the validation fold
+    is unchanged. Must not exceed any run fold's training studies. A sweep axis: finetune.cv.train_studies."""
 
 
 @dataclass

@@ -4,6 +4,19 @@ Per batch of crops x (B, C, D, H, W): make the views (two per crop when an activ
 contrastive; else one), each rotated by its own random quarter turns and cut out; run the encoder once on them with
 the heads of the active tasks; then L = sum over active tasks t of w_t * loss_t(head_t output, views). The model has
 no head for a task whose weight is 0, so it costs nothing.
+
+The views are stacked [view 1 of crops 0..B-1; view 2 ...] and `cutout` is told so (`copies`): a hole is never filled
+from the other view of the same crop, which would let the contrastive task match the two views by shared content
+(with data.batch_size=1 that was every cross-sample hole).
+
+On purpose unlike the reference (Tang et al., CVPR 2022; Project-MONAI/research-contributions, SwinUNETR/Pretrain):
+
+* rotation plane: axial (Y, X) by default instead of the reference's sagittal turn; equal 4.07 mm PET spacing in
+  that plane, so a turn does not stretch anatomy (`pretext.rotation_dims`; see `pretext_ops`);
+* rotation and contrastive heads read the pooled bottleneck instead of bottleneck tokens 0 and 1 of a 96^3 crop,
+  so any ROI works (see `models.ssl_head`);
+* NT-Xent negatives are gathered from every worker (`loss.gather_contrastive`; the reference scores each GPU's
+  views alone: 2 volumes x 2 crops x 2 views = 8 per loss with its defaults), so negatives grow with the cluster.
 """
 
 from __future__ import annotations
@@ -53,8 +66,8 @@ class PretrainTask(Task):
     def _views(self, x: Tensor, generator: torch.Generator) -> Views:
         p, dims = self.cfg.pretext, tuple(self.cfg.pretext.rotation_dims)
         rotated, k = random_rotation(torch.cat([x] * self.copies), generator, dims=dims)
-        cut, holes = cutout(rotated, generator, min_side=p.cutout_min_side, max_side=p.cutout_max_side,
-                            max_drop=p.cutout_max_drop, max_boxes=p.cutout_max_boxes,
+        cut, holes = cutout(rotated, generator, variant=p.cutout, copies=self.copies, min_side=p.cutout_min_side,
+                            max_side=p.cutout_max_side, max_drop=p.cutout_max_drop, max_boxes=p.cutout_max_boxes,
                             cross_sample_prob=p.cutout_cross_sample)
         return Views(cut=cut, target=rotated, rotation=k, holes=holes, copies=self.copies)
 
