@@ -23,7 +23,7 @@ from swinssl.tune.trial import stage_configs
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SCHEMAS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "dataset_size": SweepConfig,
-           "loss_weights": SweepConfig}
+           "loss_weights": SweepConfig, "label_efficiency": SweepConfig}
 
 
 def _schema(path: Path):
@@ -44,13 +44,15 @@ def test_every_sweep_trial_gets_valid_stage_configs(path, tmp_path):
     """Each trial's values are real keys of the stage configs (a typo in a search key fails here, not on a cluster)."""
     cfg = resolve_stage_paths(load_config(path, (), SweepConfig), path)
     specs = expand_trials(cfg)
-    assert specs and sum(s.init == "scratch" for s in specs) == len(cfg.seeds)
+    tuned = {repr(sorted(s.finetune_overrides().items())) for s in specs if s.init == "pretrained"} or {"[]"}
+    assert specs and sum(s.init == "scratch" for s in specs) == len(cfg.seeds) * len(tuned)  # one per label count
     for spec in specs:
         pretrain, finetune = stage_configs(spec, cfg, tmp_path / spec.key, {"uri": "", "experiment": "x"})
         if pretrain is not None:
             assert {k: flatten(pretrain)[k] for k in spec.pretrain_overrides()} == {
                 k: type(flatten(pretrain)[k])(v) for k, v in spec.pretrain_overrides().items()}
         assert finetune.trainer.seed == spec.seed
+        assert all(flatten(finetune)[k] == v for k, v in spec.finetune_overrides().items())
 
 
 def test_tiny_is_a_small_diff_of_the_default():

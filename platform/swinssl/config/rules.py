@@ -105,7 +105,7 @@ def _rules() -> dict[type, dict[str, Rule]]:
         SegModelConfig: {"feature_size": _FEATURE_SIZE, "in_channels": _at_least(1), "drop_path_rate": _UNIT,
                          "out_channels": _rule(lambda v: v == 0 or v >= 2, "must be 0 (the label set's classes) or "
                                                ">= 2 (background and at least one class)")},
-        CVConfig: {"folds": _at_least(2), "seed": _SEED},
+        CVConfig: {"folds": _at_least(2), "seed": _SEED, "train_studies": _at_least(0)},
         EvalConfig: {"sw_batch_size": _at_least(1), "overlap": _rule(lambda v: 0 <= v < 1, "must be in [0, 1)"),
                      "overlays": _at_least(0), "cpus": _POSITIVE},
         FinetuneConfig: {"name": _NOT_EMPTY, "freeze_encoder_steps": _at_least(0)},

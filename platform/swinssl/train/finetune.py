@@ -11,6 +11,11 @@ The class set is data: every stage reads it from `labels.json` of data.root (`pe
 PSMA set when there is none). Folds are grouped by patient (the manifest's `patient_id`: no patient is in both
 training and validation) and stratified on "has a lesion voxel" of the set's lesion class (from the manifest's
 `label_voxels`, else the shard); a set without a lesion class gives a plain seeded patient-grouped k-fold.
+
+Label efficiency (`cv.train_studies` = N > 0): each fold trains on `labelled_subset` of its training set (whole
+patients, nested in N, seeded by `cv.seed` and the fold), validates on its unchanged fold; folds.json records
+`train_studies` and `train` (fold index -> its training ids, for the folds run), the fold runs `n_train` (used)
+and `n_train_available`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 from petct.labels import LabelSet, LabelSetError, read_label_set, write_label_set
 from petct.shards import atomic_write_json, read_shard_row
 
-from ..config import ConfigError, FinetuneConfig, flatten, save_config, validate
+from ..config import ConfigError, CVConfig, FinetuneConfig, flatten, save_config, validate
 from ..data.studies import DataError, StudyRef, check_roi_fits, select_studies
 from ..eval.families import FAMILIES, RESERVED_KEY, active
 from ..eval.folds import fold_train_val, kfold_split
@@ -62,6 +67,39 @@ def make_folds(cfg: FinetuneConfig, studies: list[StudyRef], labels: LabelSet) -
     flags = [_has_lesion(s, labels) for s in studies]
     patients = [s.patient_id or s.study_id for s in studies]
     return kfold_split([s.study_id for s in studies], flags, cfg.cv.folds, cfg.cv.seed, groups=patients)
+
+
+def labelled_subset(cv: CVConfig, k: int, train_ids: list[str], patient_of: dict[str, str]) -> list[str]:
+    """Fold k's labelled training studies, sorted: all of `train_ids` when `cv.train_studies` is 0, else the
+    shortest run of whole patients (`patient_of`, a study its own patient when absent), in the order
+    `np.random.default_rng([cv.seed, k]).permutation` of the sorted patient ids, that holds at least
+    `cv.train_studies` studies. The order does not depend on N, so the subsets are nested (N=1's inside N=2's inside
+    all), and not on the order of `train_ids`. Raises ValueError when N exceeds len(train_ids)."""
+    if cv.train_studies <= 0:
+        return sorted(train_ids)
+    if cv.train_studies > len(train_ids):
+        raise ValueError(f"cv.train_studies={cv.train_studies} but fold {k} has {len(train_ids)} training studies")
+    members: dict[str, list[str]] = {}
+    for study in sorted(train_ids):
+        members.setdefault(patient_of.get(study, study), []).append(study)
+    patients = sorted(members)
+    chosen: list[str] = []
+    for index in np.random.default_rng([cv.seed, k]).permutation(len(patients)):
+        if len(chosen) >= cv.train_studies:
+            break
+        chosen += members[patients[int(index)]]
+    return sorted(chosen)
+
+
+def label_problems(cfg: FinetuneConfig, folds: list[list[str]]) -> list[str]:
+    """`cv.train_studies` against the training studies of every fold that will run (one problem per short fold)."""
+    if cfg.cv.train_studies <= 0:
+        return []
+    indices = range(len(folds)) if cfg.cv.fold == -1 else [cfg.cv.fold]
+    available = {k: len(fold_train_val(folds, k)[0]) for k in indices if 0 <= k < len(folds)}
+    return [f"cv.train_studies: {cfg.cv.train_studies} labelled training studies requested but fold {k} has only "
+            f"{n} training studies (of {sum(map(len, folds))} labelled, cv.folds={len(folds)})"
+            for k, n in available.items() if n < cfg.cv.train_studies]
 
 
 def resolve_encoder(spec: str, uri: str | None, output_dir: Path) -> tuple[str | None, str]:
@@ -112,6 +150,11 @@ def data_problems(cfg: FinetuneConfig) -> tuple[list[str], list[StudyRef], Label
         check_roi_fits(studies, cfg.data.roi)
     except DataError as exc:
         problems.append(f"data.roi: {exc}")
+    if cfg.cv.train_studies > 0 and not problems:  # the folds need valid data; they are then cheap to redo
+        try:
+            problems += label_problems(cfg, make_folds(cfg, studies, labels))
+        except ValueError as exc:
+            problems.append(f"cv.folds: {exc}")
     return problems, studies, labels
 
 
@@ -197,14 +240,16 @@ def _run_fold(cfg, k, folds, by_id, output_dir, encoder_path, parent, labels: La
     done = output_dir / f"fold_{k}" / "metrics.json"
     if done.exists():  # a finished fold is never redone
         return json.loads(done.read_text())
-    train_ids, val_ids = fold_train_val(folds, k)
+    available, val_ids = fold_train_val(folds, k)
+    train_ids = labelled_subset(cfg.cv, k, available, {i: by_id[i].patient_id or i for i in available})
     child = None
     if parent:
         from ..tracking.mlflow_run import open_run
 
         child = {"uri": parent["uri"], "run_id": open_run(
             parent["uri"], cfg.tracking.experiment, f"{parent['name']} fold {k}", output_dir / f"fold_{k}",
-            {"fold": k, "n_train": len(train_ids), "n_val": len(val_ids), "classes": _classes(labels)},
+            {"fold": k, "n_train": len(train_ids), "n_train_available": len(available), "n_val": len(val_ids),
+             "classes": _classes(labels)},
             {"swinssl.kind": "finetune-fold"},
             parent_run_id=parent["run_id"])}
     checkpoint = _train_fold(cfg, k, [by_id[i] for i in train_ids], output_dir, encoder_path, child, labels)
@@ -283,8 +328,11 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     save_config(cfg, output_dir / "config.yaml")
     write_label_set(labels, output_dir)
     patient_of = {s.study_id: s.patient_id or s.study_id for s in studies}
+    indices = range(cfg.cv.folds) if cfg.cv.fold == -1 else [cfg.cv.fold]
+    train = {str(k): labelled_subset(cfg.cv, k, fold_train_val(folds, k)[0], patient_of) for k in indices}
     _write_json(output_dir / "folds.json", {"seed": cfg.cv.seed, "folds": folds,
-                                            "patients": [sorted({patient_of[i] for i in f}) for f in folds]})
+                                            "patients": [sorted({patient_of[i] for i in f}) for f in folds],
+                                            "train_studies": cfg.cv.train_studies, "train": train})
     uri_hint = None
     if cfg.tracking.enabled:
         from ..tracking.mlflow_run import resolve_tracking_uri
@@ -295,7 +343,6 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     parent = _open_parent(cfg, output_dir, encoder_source, len(studies), labels)
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2 * cfg.data.read_cpus)
     by_id = {s.study_id: s for s in studies}
-    indices = range(cfg.cv.folds) if cfg.cv.fold == -1 else [cfg.cv.fold]
     try:
         done = {str(k): _run_fold(cfg, k, folds, by_id, output_dir, encoder_path, parent, labels) for k in indices}
     except Exception:

@@ -10,7 +10,9 @@ p < 0.05, and the seeds needed to detect a 2-Dice-point gain at the measured spr
 
 Writes into `out_dir` (and logs as artifacts `report/` of the sweep run): `report.md`, `report.csv`,
 `dice_vs_size.png` (Dice vs unlabelled-set size, one line per pretext setting, scratch as a band),
-`per_class_gain.png` (gain over scratch per class and setting).
+`per_class_gain.png` (gain over scratch per class and setting), and when the sweep has the label-efficiency axis
+(`finetune.cv.train_studies`) `dice_vs_labels.png` (Dice against labelled training studies per fold, one line per
+setting plus the scratch baseline fine-tuned on the same labels: `plots.label_curves`).
 
 The classes are those the trials were fine-tuned on: each fold run's `classes` param (the label set's foreground
 names, in label order), else the `dice/<class>` metrics it holds (sorted by name).
@@ -295,7 +297,7 @@ def sweep_report(uri: str, ref: str, out_dir: str | Path, log: bool = True) -> S
     """Collect, tabulate and plot a sweep; logs the files to the sweep run under `report/` when `log`."""
     from mlflow.tracking import MlflowClient
 
-    from .plots import dice_vs_size, per_class_gain
+    from .plots import dice_vs_labels, dice_vs_size, per_class_gain
 
     client = MlflowClient(uri)
     run_id = find_sweep_run(client, ref)
@@ -311,6 +313,7 @@ def sweep_report(uri: str, ref: str, out_dir: str | Path, log: bool = True) -> S
     files = [out / "report.md", write_csv(settings, out / "report.csv", gains),
              dice_vs_size(settings, out / "dice_vs_size.png", name),
              per_class_gain(settings, out / "per_class_gain.png", name)]
+    files += filter(None, [dice_vs_labels(settings, out / "dice_vs_labels.png", name)])
     if log:
         for path in files:
             client.log_artifact(run_id, str(path), "report")

@@ -1,6 +1,8 @@
 """The trials of a sweep as an explicit, deterministic list (written to `trials.json`): the grid's product, each
 point drawn `num_samples` times for the randomly searched keys, repeated per seed, plus one scratch baseline per
-seed. An explicit list keeps trial names readable and stable, so a resumed sweep finds its finished trials.
+seed and per distinct combination of the points' `finetune.*` values (e.g. `finetune.cv.train_studies`: the
+scratch baseline of a label-efficiency sweep is fine-tuned on the same number of labelled studies). An explicit
+list keeps trial names readable and stable, so a resumed sweep finds its finished trials.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import numpy as np
 from ..config import ConfigError, SampleSpec, SweepConfig, flatten
 from ..tasks import registry
 
-SHORT_NAMES = {"data.subset": "n"}
-"""Short keys of trial names besides the pretext weights, whose short names the task registry declares."""
 FINETUNE_PREFIX = "finetune."
 SIZE_KEY = "data.subset"
+LABELS_KEY = "finetune.cv.train_studies"
+"""The label-efficiency axis: labelled training studies per fold (0 = all); the report plots Dice against it."""
+SHORT_NAMES = {SIZE_KEY: "n", LABELS_KEY: "labelled"}
+"""Short keys of trial names besides the pretext weights, whose short names the task registry declares."""
 
 
 @dataclass
@@ -49,7 +53,9 @@ def short_name(key: str) -> str:
     return {**registry.short_names(), **SHORT_NAMES}.get(key, key.rsplit(".", 1)[-1])
 
 
-def _format(value: Any) -> str:
+def _format(value: Any, key: str = "") -> str:
+    if key == LABELS_KEY and value == 0:
+        return "all"  # cv.train_studies=0: each fold's whole training set
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
@@ -88,6 +94,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=,-]+", "_", text.replace(" ", ","))[:80]
 
 
+def _scratch_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct `finetune.*` parts of the points, in first-seen order ([{}] without such keys)."""
+    parts = [{k: v for k, v in p.items() if k.startswith(FINETUNE_PREFIX)} for p in points]
+    distinct: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        distinct.setdefault(repr(sorted(part.items())), part)  # repr: values may be lists (unhashable)
+    return list(distinct.values()) or [{}]
+
+
 def expand_trials(cfg: SweepConfig) -> list[TrialSpec]:
     """Every trial of the sweep, in a stable order (pretrained points first, then the scratch baselines)."""
     if not cfg.seeds:
@@ -101,11 +116,13 @@ def expand_trials(cfg: SweepConfig) -> list[TrialSpec]:
         for point in points:
             # the unlabelled-set size last: `w_rot=1 w_con=0.5 n=760` reads as "this recipe, on this many"
             ordered = sorted(point.items(), key=lambda item: item[0] == SIZE_KEY)
-            setting = " ".join(f"{short_name(k)}={_format(v)}" for k, v in ordered) or "pretrained"
+            setting = " ".join(f"{short_name(k)}={_format(v, k)}" for k, v in ordered) or "pretrained"
             specs.append(TrialSpec("", setting + (f" seed={seed}" if several else ""), setting, "pretrained", seed,
                                    point))
-        if cfg.scratch_baseline:
-            specs.append(TrialSpec("", "scratch" + (f" seed={seed}" if several else ""), "scratch", "scratch", seed))
+        for values in _scratch_points(points) if cfg.scratch_baseline else []:
+            setting = " ".join(["scratch", *(f"{short_name(k)}={_format(v, k)}" for k, v in values.items())])
+            specs.append(TrialSpec("", setting + (f" seed={seed}" if several else ""), setting, "scratch", seed,
+                                   values))
     names = [s.name for s in specs]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
