@@ -6,7 +6,7 @@ set -euo pipefail
 OUT=$(mkdir -p "${1:-demo_out}" && cd "${1:-demo_out}" && pwd)
 export RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=1
 # Ray's worker logs go to OUT/<step>.log; the command's own summary (stdout) is shown.
-quiet() { local log="$OUT/$1.log"; shift; "$@" 2>"$log" || { tail -60 "$log"; exit 1; }; }
+quiet() { local log="$OUT/$1.log"; shift; "$@" 2>"$log" || { tail -60 "$log" >&2; exit 1; }; }
 
 echo "== 1/4 synth: a small synthetic PSMA PET/CT cohort (NIfTI) =="
 swinssl synth --out "$OUT/cohort" --unlabeled 6 --labeled 4 --seed 0 --scale small
@@ -20,7 +20,8 @@ RESUME=$([ -f "$OUT/runs/dataset_size/trials.json" ] && echo --resume || true)
 quiet sweep swinssl sweep experiments/dataset_size_tiny.yaml $RESUME data.root="$OUT/prepared" \
     output_dir="$OUT/runs/dataset_size" name=dataset_size_demo "search.grid={data.subset: ['3', '6']}" \
     pretrain_overrides.trainer.steps=10 pretrain_overrides.trainer.checkpoint_every=5 \
-    finetune_overrides.trainer.steps=6 finetune_overrides.trainer.checkpoint_every=3 > "$OUT/sweep.out"
+    finetune_overrides.trainer.steps=6 finetune_overrides.trainer.checkpoint_every=3 \
+    | tee "$OUT/sweep.out" | { grep --line-buffered -F "[sweep] " || true; }  # progress: one line per trial event
 grep -E "^(FINISHED|FAILED|KILLED) " "$OUT/sweep.out"
 
 echo "== 4/4 report: Dice per setting and class, gain over scratch (a few CPU steps: a smoke test, not a result) =="
@@ -28,5 +29,5 @@ swinssl report --sweep dataset_size_demo --tracking-uri "sqlite:///$OUT/runs/mlf
 echo
 echo "QC:      $OUT/prepared/qc/ (per-study PNGs, summary.md)"
 echo "Trials:  $OUT/runs/dataset_size/trials/*/ (pretrain/encoder.pt, finetune/metrics.json, predictions/)"
-echo "MLflow:  mlflow ui --backend-store-uri sqlite:///$OUT/runs/mlflow.db --host 127.0.0.1  (experiment"
-echo "         swinssl-studies-tiny: select the trial runs of sweep dataset_size_demo, then Compare)"
+echo "MLflow:  the links printed above (start the UI with the \`mlflow ui\` command; 'trial runs' lists the trials,"
+echo "         best Dice first: Columns -> dice_mean, Group by -> setting pools the seeds)"

@@ -142,8 +142,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     print(f"encoder: {result.encoder}")
     print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items()) if k.startswith("loss")))
     if result.run_id:
-        print(f"MLflow run {result.run_id} at {result.tracking_uri}  (mlflow ui --backend-store-uri "
-              f"{result.tracking_uri})")
+        print(mlflow_links(result.tracking_uri, result.run_id))
     return 0
 
 
@@ -160,8 +159,15 @@ def _finetune(args: argparse.Namespace) -> int:
     print(dice_table({cfg.name: result.metrics}))
     print(f"metrics: {result.output_dir / 'metrics.json'}")
     if result.run_id:
-        print(f"MLflow run {result.run_id}: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
+        print(mlflow_links(result.tracking_uri, result.run_id))
     return 0
+
+
+def mlflow_links(tracking_uri: str, run_id: str, trials: bool = False) -> str:
+    """How to open a run in the MLflow UI: the `mlflow ui` command and links to its model-training view."""
+    from .tracking.links import run_links
+
+    return "\n".join(run_links(tracking_uri, run_id, trials=trials))
 
 
 def dice_table(runs: dict[str, dict]) -> str:
@@ -183,8 +189,8 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"{trial['status']:9s} {trial['name']}" + (f"  ({trial['error']})" if trial["error"] else ""))
     if result.report:
         print(result.report)
-        print(f"report: {result.output_dir / 'report'}   MLflow sweep run {result.run_id}: mlflow ui "
-              f"--backend-store-uri {result.tracking_uri} --host 127.0.0.1")
+        print(f"report: {result.output_dir / 'report'}")
+        print(mlflow_links(result.tracking_uri, result.run_id, trials=True))
     if result.failed:
         print(f"swinssl sweep: {len(result.failed)} trial(s) did not finish; `swinssl sweep --resume` reruns them",
               file=sys.stderr)
@@ -210,8 +216,16 @@ def _report_sweep(args: argparse.Namespace) -> int:
         report = sweep_report(uri, args.sweep, out)
     except MlflowException as exc:  # an unreachable or unusable tracking store is an input error, not a crash
         raise ValueError(f"MLflow at {uri}: {str(exc).splitlines()[0][:300]}") from None
+    from mlflow.tracking import MlflowClient
+
+    from .tune.report import find_sweep_run
+    from .tune.sweep import log_summary
+
+    run_id = find_sweep_run(MlflowClient(uri), args.sweep)
+    log_summary(uri, run_id, report)  # like the artifacts: the sweep run shows the latest report
     print(report.markdown)
     print("files: " + "  ".join(str(p) for p in report.files))
+    print(mlflow_links(uri, run_id, trials=True))
     return 0
 
 

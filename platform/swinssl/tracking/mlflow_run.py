@@ -107,6 +107,21 @@ def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | N
     _client(uri).log_artifact(run_id, str(path), artifact_path)
 
 
+_METRIC_UNSAFE = re.compile(r"[^\w.\- ]+")
+
+
+def metric_key(text: str) -> str:
+    """`text` as one part of a metric name: MLflow accepts letters, digits, `_.- ` (and `/`, which nests)."""
+    return _METRIC_UNSAFE.sub("_", text).strip() or "_"
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Summary metrics in one batch (names as given; see `metric_key`)."""
+    buffer = MetricBuffer(uri, run_id)
+    buffer.log(metrics, step)
+    buffer.flush()
+
+
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
 

@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from petct.shards import atomic_write_json
 
@@ -20,6 +21,9 @@ from ..config import ConfigError, SweepConfig, save_config
 from ..data.studies import check_roi_fits, select_studies
 from .space import TrialSpec, expand_trials
 from .trial import FAIL_ENV, run_trial, stage_configs
+
+if TYPE_CHECKING:
+    from .report import SweepReport
 
 EXIT_TRIALS_FAILED = 3
 
@@ -60,8 +64,10 @@ def _validate(cfg: SweepConfig, specs: list[TrialSpec], sweep_dir: Path) -> dict
         raise ConfigError("output_dir and data.root are required")
     ctx = {"uri": "", "experiment": cfg.tracking.experiment}
     need = {"CPU": 0.0, "GPU": 0.0}
+    tuned = {}  # one fine-tuning config per distinct finetune.* values (e.g. cv.train_studies), checked below
     for spec in specs:
         pretrain_cfg, finetune_cfg = stage_configs(spec, cfg, sweep_dir / "trials" / spec.key, ctx)
+        tuned.setdefault(repr(sorted(spec.finetune_overrides().items())), finetune_cfg)
         for stage in filter(None, (pretrain_cfg, finetune_cfg)):
             need["CPU"] = max(need["CPU"], stage.trainer.num_workers * stage.trainer.cpus_per_worker
                               + stage.data.read_cpus)
@@ -72,7 +78,7 @@ def _validate(cfg: SweepConfig, specs: list[TrialSpec], sweep_dir: Path) -> dict
                 check_roi_fits(studies, pretrain_cfg.data.roi)
             except ValueError as exc:
                 raise type(exc)(f"trial {spec.name!r}: {exc}") from None
-    problems = data_problems(finetune_cfg)[0]
+    problems = list(dict.fromkeys(p for tuned_cfg in tuned.values() for p in data_problems(tuned_cfg)[0]))
     if problems:
         raise ConfigError("fine-tuning: " + "; ".join(problems), problems)
     return need
@@ -103,6 +109,45 @@ def _scheduler(cfg: SweepConfig, specs: list[TrialSpec], sweep_dir: Path):
                          grace_period=cfg.scheduler.grace_samples, reduction_factor=cfg.scheduler.reduction_factor)
 
 
+PROGRESS_PREFIX = "[sweep]"
+
+
+def _progress_callback(total: int):
+    """A Tune callback that prints one `[sweep] ...` line per trial started, finished or failed (with its name,
+    `dice_mean` and elapsed time) to stdout, flushed: a long sweep shows where it is even when its stdout is a file or
+    a pipe (`scripts/demo.sh` shows these lines). Tune's own status table (every 30 s) names trials by Tune id."""
+    import time
+
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self):
+            self.start, self.ended = time.monotonic(), 0
+
+        def _say(self, trial, what: str) -> None:
+            name = (trial.config.get("trial") or {}).get("name", str(trial))
+            minutes, seconds = divmod(int(time.monotonic() - self.start), 60)
+            print(f"{PROGRESS_PREFIX} {self.ended}/{total} done [{minutes}m{seconds:02d}s] {name}: {what}", flush=True)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._say(trial, "started")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.ended += 1
+            result = trial.last_result or {}
+            if result.get("finished") != 1:  # ended on a pretraining report: the scheduler stopped it
+                self._say(trial, "stopped early")
+                return
+            dice = result.get("dice_mean")
+            self._say(trial, "finished" + (f", dice_mean {dice:.3f}" if isinstance(dice, float) else ""))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.ended += 1
+            self._say(trial, "FAILED")
+
+    return Progress()
+
+
 def _tuner(cfg: SweepConfig, specs: list[TrialSpec], ctx: dict, sweep_dir: Path, need: dict):
     from ray import tune
 
@@ -116,7 +161,8 @@ def _tuner(cfg: SweepConfig, specs: list[TrialSpec], ctx: dict, sweep_dir: Path,
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials(cfg, need),
                                     scheduler=_scheduler(cfg, specs, sweep_dir), reuse_actors=False),
         run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  callbacks=[_progress_callback(len(specs))]))
 
 
 def _write_json(path: Path, data) -> None:
@@ -187,6 +233,42 @@ def _open_parent(cfg: SweepConfig, sweep_dir: Path, specs: list[TrialSpec]) -> t
     return uri, run_id
 
 
+def summary_metrics(report: SweepReport) -> dict[str, float]:
+    """The answer as metrics of the sweep run, one group per setting (so the runs table and charts show it):
+    `setting/<name>/dice_mean`, `.../dice_std` (over all folds of all seeds), `.../seed_std`, and for a setting
+    compared with scratch `.../gain`, `.../gain_ci_low`, `.../gain_ci_high`, `.../gain_p` (see report.py); NaN
+    values are left out. `<name>` is the setting's name with characters MLflow rejects (e.g. `=`) as `_`."""
+    from ..tracking.mlflow_run import metric_key
+
+    out: dict[str, float] = {}
+    for setting in report.settings:
+        key = f"setting/{metric_key(setting.name)}"
+        out.update({f"{key}/dice_mean": setting.mean(), f"{key}/dice_std": setting.std(),
+                    f"{key}/seed_std": setting.seed_std()})
+        gain = report.gains.get(setting.name)
+        if gain is not None:
+            out.update({f"{key}/gain": gain.gain, f"{key}/gain_ci_low": gain.ci_low,
+                        f"{key}/gain_ci_high": gain.ci_high, f"{key}/gain_p": gain.p})
+    return {k: float(v) for k, v in out.items() if not math.isnan(v)}
+
+
+NOTE_TAG = "mlflow.note.content"
+"""The run description the MLflow UI renders (Markdown) on the run's page: the sweep run shows the report table."""
+NOTE_MAX = 5800  # MLflow tag values are capped (mlflow_run.set_tags keeps 6000 characters)
+
+
+def log_summary(uri: str, run_id: str, report: SweepReport) -> None:
+    """Log the report's answer on the sweep run: `summary_metrics` and the report's Markdown as its description
+    (the report files themselves are its `report/` artifacts, logged by `sweep_report`)."""
+    from ..tracking.mlflow_run import log_metrics, set_tags
+
+    log_metrics(uri, run_id, summary_metrics(report))
+    note = report.markdown
+    if len(note) > NOTE_MAX:
+        note = note[:NOTE_MAX] + "\n\n(cut here: the whole report is the artifact report/report.md)"
+    set_tags(uri, run_id, {NOTE_TAG: note})
+
+
 def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     """Run (or `resume`) a sweep end to end; see the module docstring for the outputs."""
     from petct.raylocal import ensure_ray
@@ -209,7 +291,9 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
         from ..tracking.mlflow_run import finish_run, set_tags
         from .report import sweep_report
 
-        report = sweep_report(uri, run_id, sweep_dir / "report").markdown
+        found = sweep_report(uri, run_id, sweep_dir / "report")
+        report = found.markdown
+        log_summary(uri, run_id, found)
         failed = sum(t["status"] != "FINISHED" for t in trials)
         set_tags(uri, run_id, {"swinssl.trials_failed": failed, "swinssl.trials": len(trials)})
         finish_run(uri, run_id)
