@@ -53,13 +53,7 @@ def dice_vs_size(settings: list[Setting], path: Path, title: str = "") -> Path:
     sizes = sorted({s.n_unlabeled for s in settings if s.init != "scratch"})
     if sizes:
         ax.set_xticks(sizes)
-    ax.set_xlabel("unlabelled studies pretrained on")
-    ax.set_ylabel("fine-tune Dice (mean over classes)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    ax.set_title(f"{title}: Dice vs unlabelled-set size", fontsize=10)
-    fig.tight_layout()
-    return save_png(fig, path)
+    return _finish_dice_axes(fig, ax, path, "unlabelled studies pretrained on", f"{title}: Dice vs unlabelled-set size")
 
 
 def per_class_gain(settings: list[Setting], path: Path, title: str = "") -> Path:
@@ -147,10 +141,16 @@ def dice_vs_labels(settings: list[Setting], path: Path, title: str = "") -> Path
     ticks = sorted({n for c in curves for n in c.labelled}, key=_labelled_order)
     ax.set_xticks([where[n] for n in ticks], [str(n) if n else "all" for n in ticks])
     ax.minorticks_off()
-    ax.set_xlabel("labelled training studies per fold (log scale)")
+    return _finish_dice_axes(fig, ax, path, "labelled training studies per fold (log scale)",
+                             f"{title}: label efficiency (mean +- std over folds x seeds)")
+
+
+def _finish_dice_axes(fig, ax, path: Path, xlabel: str, title: str) -> Path:
+    """Labels, grid, legend outside the axes and title of a Dice-vs-something plot; saves it."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("fine-tune Dice (mean over classes)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    ax.set_title(f"{title}: label efficiency (mean +- std over folds x seeds)", fontsize=10)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return save_png(fig, path)
