@@ -165,6 +165,7 @@ def _toggle_columns(page, names: list[str]) -> None:
     page.keyboard.press("Escape")
 
 
+@pytest.mark.e2e  # a real server and browser (~30 s): part of `make test`, not the fast loop
 def test_ui_shows_trials_and_dice(tmp_path):
     sync_playwright, chromium = _browser_or_skip()
     study = build_study(tmp_path)
