@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from .dicom_read import cs_values, is_dicom_file
+
 MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
 """SOP Class UID of a DICOMDIR (Media Storage Directory Storage)."""
 TAGS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID", "StudyDate", "Modality", "SeriesNumber",
@@ -80,13 +82,6 @@ class DicomIndex:
     files_seen: int
 
 
-def _strings(value) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    items = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else str(value).split("\\")
-    return tuple(str(v).strip().upper() for v in items if str(v).strip())
-
-
 def _frame_geometry(ds: pydicom.Dataset) -> tuple[list, tuple | None]:
     """Positions of every frame and the slice normal: per file (classic) or per frame (Enhanced CT/PET)."""
     orientation = ds.get("ImageOrientationPatient")
@@ -109,22 +104,13 @@ def _new_series(ds: pydicom.Dataset) -> SeriesInfo:
     text = lambda key: str(ds.get(key, "") or "").strip()  # noqa: E731
     return SeriesInfo(text("SeriesInstanceUID"), text("StudyInstanceUID"), text("PatientID"), text("StudyDate"),
                       text("Modality").upper(), text("SeriesNumber"), text("SeriesDescription"),
-                      _strings(ds.get("ImageType")), _strings(ds.get("SeriesType")),
-                      _strings(ds.get("CorrectedImage")), text("FrameOfReferenceUID"))
-
-
-def _is_part10(path: Path) -> bool:
-    """DICOM PS3.10 file: 128-byte preamble then 'DICM' (cheap test before handing the file to pydicom)."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
+                      tuple(cs_values(ds, "ImageType")), tuple(cs_values(ds, "SeriesType")),
+                      tuple(cs_values(ds, "CorrectedImage")), text("FrameOfReferenceUID"))
 
 
 def _read_header(path: Path) -> tuple[pydicom.Dataset | None, str]:
     """(dataset, '') or (None, why the file is skipped)."""
-    if not _is_part10(path):
+    if not is_dicom_file(path):
         return None, "not a DICOM file (no 'DICM' preamble)"
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=TAGS)
@@ -149,7 +135,7 @@ def walk_files(root: Path):
 
 def contains_dicom(root: Path) -> bool:
     """True as soon as one file under `root` is a DICOM file (stops at the first)."""
-    return root.is_dir() and any(_is_part10(p) for p in walk_files(root))
+    return root.is_dir() and any(is_dicom_file(p) for p in walk_files(root))
 
 
 def scan_tree(root: Path) -> DicomIndex:

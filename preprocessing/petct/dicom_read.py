@@ -129,12 +129,14 @@ def _check_truncated(study_id: str, folder: Path, files: list, others: list) -> 
                              "ends before the image attributes (Rows): truncated or damaged; re-export the series")
 
 
-def _values(ds: Dataset, keyword: str) -> list[str]:
-    """A CS attribute's values, upper case ([] when absent); a one-valued attribute reads as a str in pydicom."""
+def cs_values(ds: Dataset, keyword: str) -> list[str]:
+    """A CS attribute's values, stripped and upper case, empties dropped ([] when absent); one-valued attributes read
+    as a str in pydicom, and a header read with `specific_tags` may leave the backslash-joined text."""
     value = ds.get(keyword)
-    if value is None or value == "":
+    if value is None:
         return []
-    return [str(v).strip().upper() for v in ([value] if isinstance(value, str) else value)]
+    items = [value] if isinstance(value, str) else list(value)
+    return [part.strip().upper() for item in items for part in str(item).split("\\") if part.strip()]
 
 
 def _describe(uid: str, files: list[tuple[Path, Dataset]]) -> str:
@@ -151,7 +153,7 @@ def _not_a_volume(files: list[tuple[Path, Dataset]]) -> str:
         return "no ImagePositionPatient (a secondary capture or screenshot)"
     if int(getattr(ds, "SamplesPerPixel", 1)) != 1:
         return "colour image"
-    if "LOCALIZER" in _values(ds, "ImageType"):
+    if "LOCALIZER" in cs_values(ds, "ImageType"):
         return "localizer"
     if sum(int(getattr(d, "NumberOfFrames", 1) or 1) for _, d in files) < 3:
         return "fewer than 3 images"
@@ -193,7 +195,7 @@ def _pick(study_id: str, folder: Path, headers, modality: str, series_uid: str) 
 
 def _attenuation_corrected(ds: Dataset) -> bool:
     """CorrectedImage (0028,0051) lists both ATTN and DECY: the series SUV can be computed from."""
-    return {"ATTN", "DECY"} <= {str(v).strip().upper() for v in _values(ds, "CorrectedImage")}
+    return {"ATTN", "DECY"} <= set(cs_values(ds, "CorrectedImage"))
 
 
 def _merge(target: Dataset, group: Dataset) -> None:
@@ -274,7 +276,7 @@ def _time_series(ds: Dataset) -> tuple[bool, str]:
         if value not in (None, ""):
             parts.append(f"{keyword}={value}")
             multi = multi or int(value) > 1
-    series_type = _values(ds, "SeriesType")
+    series_type = cs_values(ds, "SeriesType")
     if series_type:
         parts.append("SeriesType=" + "\\".join(series_type))
         multi = multi or series_type[0] in ("DYNAMIC", "GATED")
@@ -354,9 +356,9 @@ def scan_series(study_id: str, folder: Path, modality: str, series_uid: str = ""
     frames = _unique([frame for path, ds in files for frame in _frames(study_id, path, ds)])
     for frame in frames:
         _pixel_format(study_id, frame)
-    if "LOCALIZER" in _values(frames[0].ds, "ImageType") + _values(frames[0].ds, "FrameType") or len(frames) < 3:
+    if "LOCALIZER" in cs_values(frames[0].ds, "ImageType") + cs_values(frames[0].ds, "FrameType") or len(frames) < 3:
         raise StudyError(study_id, "geometry", f"{folder}: {len(frames)} image(s), ImageType "
-                         f"{_values(frames[0].ds, 'ImageType')}: a single slice or localizer/scout, not a "
+                         f"{cs_values(frames[0].ds, 'ImageType')}: a single slice or localizer/scout, not a "
                          "volume (need at least 3 slices of a cross-sectional series)")
     series = _geometry(study_id, folder, frames)
     if max_bytes is not None and series.nbytes() > max_bytes:
@@ -369,9 +371,13 @@ def scan_series(study_id: str, folder: Path, modality: str, series_uid: str = ""
 
 
 def is_dicom_file(path: Path) -> bool:
-    """A file with the DICOM preamble ('DICM' at byte 128, PS3.10 7.1), e.g. one enhanced multi-frame object."""
-    with open(path, "rb") as handle:
-        return handle.read(132)[128:] == b"DICM"
+    """A file with the DICOM preamble ('DICM' at byte 128, PS3.10 7.1), e.g. one enhanced multi-frame object; a
+    cheap test before handing a file to pydicom. False for a file that cannot be opened."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def _decode(study_id: str, series: Series, frame: Frame, count: int) -> np.ndarray:

@@ -21,7 +21,6 @@ from .errors import StudyError
 from .labels import LabelSet
 from .suv import SuvTagError, suv_factor
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 CT_FILL_HU = -1024.0
 """Outside the shifted slices of a tilted CT: the scanner's own air value (stored 0 at RescaleIntercept -1024)."""
 
