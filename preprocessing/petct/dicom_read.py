@@ -25,7 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from scipy import ndimage
 
-from .errors import StudyError
+from .errors import StudyError, too_large
 
 ROLE = {"CT": "CT", "PT": "PET"}
 FUNCTIONAL_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
@@ -362,11 +362,7 @@ def scan_series(study_id: str, folder: Path, modality: str, series_uid: str = ""
                          "volume (need at least 3 slices of a cross-sectional series)")
     series = _geometry(study_id, folder, frames)
     if max_bytes is not None and series.nbytes() > max_bytes:
-        z, y, x = series.output_shape()
-        raise StudyError(study_id, "too_large", f"{folder}: {x}x{y}x{z} voxels = {series.nbytes() / 2**20:.0f} MiB "
-                         f"as float32, above the budget of {max_bytes / 2**20:.0f} MiB; raise "
-                         "PrepareConfig.max_volume_mib (`swinssl prepare --max-volume-mib`) if the machine has the "
-                         "memory")
+        raise too_large(study_id, str(folder), series.output_shape()[::-1], max_bytes)
     return series
 
 

@@ -35,3 +35,11 @@ class StudyError(Exception):
             raise ValueError(f"unknown StudyError kind {kind!r}")
         self.study_id, self.kind, self.message = study_id, kind, message
         super().__init__(f"study {study_id!r}: {kind}: {message}")
+
+
+def too_large(study_id: str, where: str, size_xyz: tuple[int, int, int], max_bytes: int) -> StudyError:
+    """The size guard's refusal of a volume of `size_xyz` voxels (float32) above `max_bytes`, found from headers."""
+    nbytes = 4 * size_xyz[0] * size_xyz[1] * size_xyz[2]
+    return StudyError(study_id, "too_large", f"{where}: {size_xyz[0]}x{size_xyz[1]}x{size_xyz[2]} voxels = "
+                      f"{nbytes / 2**20:.0f} MiB as float32, above the budget of {max_bytes / 2**20:.0f} MiB; raise "
+                      "PrepareConfig.max_volume_mib (`swinssl prepare --max-volume-mib`) if the machine has the memory")

@@ -17,8 +17,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from .dicom_read import is_dicom_file, load_series, scan_series
-from .errors import StudyError
+from .errors import StudyError, too_large
 from .labels import LabelSet
+from .plausibility import check_suv_range
 from .suv import SuvTagError, suv_factor
 
 CT_FILL_HU = -1024.0
@@ -97,12 +98,8 @@ def _check_shape(study_id: str, path: Path, what: str, max_bytes: int | None) ->
     if min(size) < 3:
         raise StudyError(study_id, "geometry", f"{what} {path.name} has size {size}: a single slice or a singleton "
                          "axis, not a volume (need at least 3 voxels on each axis)")
-    nbytes = int(np.prod(size)) * 4
-    if max_bytes is not None and nbytes > max_bytes:
-        raise StudyError(study_id, "too_large", f"{what} {path.name}: {size[0]}x{size[1]}x{size[2]} voxels = "
-                         f"{nbytes / 2**20:.0f} MiB as float32, above the budget of {max_bytes / 2**20:.0f} MiB; "
-                         "raise PrepareConfig.max_volume_mib (`swinssl prepare --max-volume-mib`) if the machine "
-                         "has the memory")
+    if max_bytes is not None and 4 * int(np.prod(size)) > max_bytes:
+        raise too_large(study_id, f"{what} {path.name}", size, max_bytes)
 
 
 def _read_file(study_id: str, path: Path, pixel: int, what: str, max_bytes: int | None = None) -> sitk.Image:
@@ -142,16 +139,13 @@ def read_pet(study_id: str, path: Path | str | None, series_uid: str = "", max_b
 
     `series_uid` and `max_bytes` as for `read_ct`; the SUV range is then checked (`petct.plausibility`).
     """
-    from .plausibility import check_suv_range
-
     path = _check_exists(study_id, path, "PET")
     if path.is_dir() or is_dicom_file(path):
         series = scan_series(study_id, path, "PT", series_uid, max_bytes)
         try:
             factor = suv_factor([frame.ds for frame in series.frames])
         except SuvTagError as exc:
-            kind = getattr(exc, "kind", None) or ("missing_suv_tag" if exc.missing else "bad_suv_tag")
-            raise StudyError(study_id, kind, f"PET {path}: {exc}") from exc
+            raise StudyError(study_id, exc.kind, f"PET {path}: {exc}") from exc
         activity = load_series(study_id, series, 0.0)
         image, origin = activity * factor, f"DICOM series {path}"
         for key in activity.GetMetaDataKeys():  # arithmetic drops metadata (the resampling note)
