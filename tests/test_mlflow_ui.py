@@ -23,9 +23,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from swinssl.tracking import links, mlflow_run
-from swinssl.tune.report import sweep_report
+from swinssl.tune.report import NOTE_TAG, sweep_report
 from swinssl.tune.space import TrialSpec
-from swinssl.tune.sweep import NOTE_TAG, log_summary
 from swinssl.tune.trial import _open_trial_run
 
 EXPERIMENT = "swinssl-ui-test"
@@ -66,8 +65,7 @@ def build_study(root: Path) -> dict:
             trial_dice[spec.name] = round(_mean(folds), 3)
             mlflow_run.log_metrics(uri, run_id, {"dice_mean": trial_dice[spec.name]})
             mlflow_run.finish_run(uri, run_id)
-    report = sweep_report(uri, sweep_id, root / "report")
-    log_summary(uri, sweep_id, report)
+    sweep_report(uri, sweep_id, root / "report")  # logs the files and the answer onto the sweep run
     mlflow_run.finish_run(uri, sweep_id)
     return {"uri": uri, "sweep": sweep_id, "trials": trial_dice}
 

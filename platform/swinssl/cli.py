@@ -219,10 +219,8 @@ def _report_sweep(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from .tune.report import find_sweep_run
-    from .tune.sweep import log_summary
 
     run_id = find_sweep_run(MlflowClient(uri), args.sweep)
-    log_summary(uri, run_id, report)  # like the artifacts: the sweep run shows the latest report
     print(report.markdown)
     print("files: " + "  ".join(str(p) for p in report.files))
     print(mlflow_links(uri, run_id, trials=True))

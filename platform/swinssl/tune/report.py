@@ -294,7 +294,8 @@ def write_csv(settings: list[Setting], path: Path, gains: dict[str, PairedGain] 
 
 
 def sweep_report(uri: str, ref: str, out_dir: str | Path, log: bool = True) -> SweepReport:
-    """Collect, tabulate and plot a sweep; logs the files to the sweep run under `report/` when `log`."""
+    """Collect, tabulate and plot a sweep; when `log`, the files go to the sweep run under `report/` and the answer
+    onto the run itself (`log_summary`): the sweep run always shows the latest report."""
     from mlflow.tracking import MlflowClient
 
     from .plots import dice_vs_labels, dice_vs_size, per_class_gain
@@ -314,7 +315,45 @@ def sweep_report(uri: str, ref: str, out_dir: str | Path, log: bool = True) -> S
              dice_vs_size(settings, out / "dice_vs_size.png", name),
              per_class_gain(settings, out / "per_class_gain.png", name)]
     files += filter(None, [dice_vs_labels(settings, out / "dice_vs_labels.png", name)])
+    report = SweepReport(text, settings, files, gains)
     if log:
         for path in files:
             client.log_artifact(run_id, str(path), "report")
-    return SweepReport(text, settings, files, gains)
+        log_summary(uri, run_id, report)
+    return report
+
+
+def summary_metrics(report: SweepReport) -> dict[str, float]:
+    """The answer as metrics of the sweep run, one group per setting (so the runs table and charts show it):
+    `setting/<name>/dice_mean`, `.../dice_std` (over all folds of all seeds), `.../seed_std`, and for a setting
+    compared with scratch `.../gain`, `.../gain_ci_low`, `.../gain_ci_high`, `.../gain_p` (see report.py); NaN
+    values are left out. `<name>` is the setting's name with characters MLflow rejects (e.g. `=`) as `_`."""
+    from ..tracking.mlflow_run import metric_key
+
+    out: dict[str, float] = {}
+    for setting in report.settings:
+        key = f"setting/{metric_key(setting.name)}"
+        out.update({f"{key}/dice_mean": setting.mean(), f"{key}/dice_std": setting.std(),
+                    f"{key}/seed_std": setting.seed_std()})
+        gain = report.gains.get(setting.name)
+        if gain is not None:
+            out.update({f"{key}/gain": gain.gain, f"{key}/gain_ci_low": gain.ci_low,
+                        f"{key}/gain_ci_high": gain.ci_high, f"{key}/gain_p": gain.p})
+    return {k: float(v) for k, v in out.items() if not math.isnan(v)}
+
+
+NOTE_TAG = "mlflow.note.content"
+"""The run description the MLflow UI renders (Markdown) on the run's page: the sweep run shows the report table."""
+NOTE_MAX = 5800  # MLflow tag values are capped (mlflow_run.set_tags keeps 6000 characters)
+
+
+def log_summary(uri: str, run_id: str, report: SweepReport) -> None:
+    """Log the report's answer on the sweep run: `summary_metrics` and the report's Markdown as its description
+    (the report files themselves are its `report/` artifacts, logged by `sweep_report`)."""
+    from ..tracking.mlflow_run import log_metrics, set_tags
+
+    log_metrics(uri, run_id, summary_metrics(report))
+    note = report.markdown
+    if len(note) > NOTE_MAX:
+        note = note[:NOTE_MAX] + "\n\n(cut here: the whole report is the artifact report/report.md)"
+    set_tags(uri, run_id, {NOTE_TAG: note})

@@ -13,7 +13,6 @@ import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from petct.shards import atomic_write_json
 
@@ -21,9 +20,6 @@ from ..config import ConfigError, SweepConfig, save_config
 from ..data.studies import check_roi_fits, select_studies
 from .space import TrialSpec, expand_trials
 from .trial import FAIL_ENV, run_trial, stage_configs
-
-if TYPE_CHECKING:
-    from .report import SweepReport
 
 EXIT_TRIALS_FAILED = 3
 
@@ -233,42 +229,6 @@ def _open_parent(cfg: SweepConfig, sweep_dir: Path, specs: list[TrialSpec]) -> t
     return uri, run_id
 
 
-def summary_metrics(report: SweepReport) -> dict[str, float]:
-    """The answer as metrics of the sweep run, one group per setting (so the runs table and charts show it):
-    `setting/<name>/dice_mean`, `.../dice_std` (over all folds of all seeds), `.../seed_std`, and for a setting
-    compared with scratch `.../gain`, `.../gain_ci_low`, `.../gain_ci_high`, `.../gain_p` (see report.py); NaN
-    values are left out. `<name>` is the setting's name with characters MLflow rejects (e.g. `=`) as `_`."""
-    from ..tracking.mlflow_run import metric_key
-
-    out: dict[str, float] = {}
-    for setting in report.settings:
-        key = f"setting/{metric_key(setting.name)}"
-        out.update({f"{key}/dice_mean": setting.mean(), f"{key}/dice_std": setting.std(),
-                    f"{key}/seed_std": setting.seed_std()})
-        gain = report.gains.get(setting.name)
-        if gain is not None:
-            out.update({f"{key}/gain": gain.gain, f"{key}/gain_ci_low": gain.ci_low,
-                        f"{key}/gain_ci_high": gain.ci_high, f"{key}/gain_p": gain.p})
-    return {k: float(v) for k, v in out.items() if not math.isnan(v)}
-
-
-NOTE_TAG = "mlflow.note.content"
-"""The run description the MLflow UI renders (Markdown) on the run's page: the sweep run shows the report table."""
-NOTE_MAX = 5800  # MLflow tag values are capped (mlflow_run.set_tags keeps 6000 characters)
-
-
-def log_summary(uri: str, run_id: str, report: SweepReport) -> None:
-    """Log the report's answer on the sweep run: `summary_metrics` and the report's Markdown as its description
-    (the report files themselves are its `report/` artifacts, logged by `sweep_report`)."""
-    from ..tracking.mlflow_run import log_metrics, set_tags
-
-    log_metrics(uri, run_id, summary_metrics(report))
-    note = report.markdown
-    if len(note) > NOTE_MAX:
-        note = note[:NOTE_MAX] + "\n\n(cut here: the whole report is the artifact report/report.md)"
-    set_tags(uri, run_id, {NOTE_TAG: note})
-
-
 def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     """Run (or `resume`) a sweep end to end; see the module docstring for the outputs."""
     from petct.raylocal import ensure_ray
@@ -291,9 +251,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
         from ..tracking.mlflow_run import finish_run, set_tags
         from .report import sweep_report
 
-        found = sweep_report(uri, run_id, sweep_dir / "report")
-        report = found.markdown
-        log_summary(uri, run_id, found)
+        report = sweep_report(uri, run_id, sweep_dir / "report").markdown
         failed = sum(t["status"] != "FINISHED" for t in trials)
         set_tags(uri, run_id, {"swinssl.trials_failed": failed, "swinssl.trials": len(trials)})
         finish_run(uri, run_id)
