@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from .dicom_read import cs_values, is_dicom_file
+from .dicom_read import is_dicom_file
+from .dicom_values import cs_values
 
 MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
 """SOP Class UID of a DICOMDIR (Media Storage Directory Storage)."""

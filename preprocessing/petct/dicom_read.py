@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from scipy import ndimage
 
+from .dicom_values import cs_values
 from .errors import StudyError, too_large
 
 ROLE = {"CT": "CT", "PT": "PET"}
@@ -127,16 +128,6 @@ def _check_truncated(study_id: str, folder: Path, files: list, others: list) -> 
         if (uid and uid == series) or (not uid and sop & classes):
             raise StudyError(study_id, "read_error", f"cannot read DICOM file {path.name} in {folder}: its header "
                              "ends before the image attributes (Rows): truncated or damaged; re-export the series")
-
-
-def cs_values(ds: Dataset, keyword: str) -> list[str]:
-    """A CS attribute's values, stripped and upper case, empties dropped ([] when absent); one-valued attributes read
-    as a str in pydicom, and a header read with `specific_tags` may leave the backslash-joined text."""
-    value = ds.get(keyword)
-    if value is None:
-        return []
-    items = [value] if isinstance(value, str) else list(value)
-    return [part.strip().upper() for item in items for part in str(item).split("\\") if part.strip()]
 
 
 def _describe(uid: str, files: list[tuple[Path, Dataset]]) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
 
+from .dicom_values import cs_values
 from .radionuclides import HALF_LIFE_TOLERANCE, NuclideError, identify
 
 DOSE_MIN_BQ, DOSE_MAX_BQ = 1e6, 5e10
@@ -141,9 +142,7 @@ def injection_time(radio: Dataset, scan: dt.datetime, half_life_s: float) -> dt.
 
 def check_corrections(ds: Dataset) -> None:
     """CorrectedImage (0028,0051) must list ATTN and DECY: SUV of a NAC or not decay-corrected image is meaningless."""
-    value = getattr(ds, "CorrectedImage", None)
-    listed = [str(v).strip().upper() for v in ([value] if isinstance(value, str) else (value or []))]
-    listed = [v for v in listed if v]
+    listed = cs_values(ds, "CorrectedImage")
     if not listed:
         raise SuvTagError("CorrectedImage (0028,0051) is absent or empty, so nothing says the PET is attenuation and "
                           "decay corrected; export the attenuation-corrected series (CorrectedImage with ATTN and "
