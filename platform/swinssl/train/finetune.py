@@ -236,12 +236,12 @@ def _classes(labels: LabelSet) -> str:
     return json.dumps([labels.name(c) for c in labels.foreground])
 
 
-def _run_fold(cfg, k, folds, by_id, output_dir, encoder_path, parent, labels: LabelSet) -> dict:
+def _run_fold(cfg, k, folds, train_ids, by_id, output_dir, encoder_path, parent, labels: LabelSet) -> dict:
+    """Train fold k on `train_ids` (its `labelled_subset`, as written to folds.json), evaluate on the fold."""
     done = output_dir / f"fold_{k}" / "metrics.json"
     if done.exists():  # a finished fold is never redone
         return json.loads(done.read_text())
     available, val_ids = fold_train_val(folds, k)
-    train_ids = labelled_subset(cfg.cv, k, available, {i: by_id[i].patient_id or i for i in available})
     child = None
     if parent:
         from ..tracking.mlflow_run import open_run
@@ -344,7 +344,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2 * cfg.data.read_cpus)
     by_id = {s.study_id: s for s in studies}
     try:
-        done = {str(k): _run_fold(cfg, k, folds, by_id, output_dir, encoder_path, parent, labels) for k in indices}
+        done = {str(k): _run_fold(cfg, k, folds, train[str(k)], by_id, output_dir, encoder_path, parent, labels)
+                for k in indices}
     except Exception:
         if parent:
             from ..tracking.mlflow_run import finish_run
