@@ -26,6 +26,7 @@ from .stages import (
     OptimConfig,
     PretextConfig,
     PretrainConfig,
+    ProbeConfig,
     SegModelConfig,
     TrackingConfig,
     TrainerConfig,
@@ -102,6 +103,9 @@ def _rules() -> dict[type, dict[str, Rule]]:
                         "max_failures": _RETRIES, "log_every": _at_least(1), "seed": _SEED,
                         "resources_per_worker": _rule(lambda v: all(x >= 0 for x in v.values()), "must be >= 0")},
         PretrainConfig: {"name": _NOT_EMPTY},
+        ProbeConfig: {"every": _at_least(0), "folds": _at_least(2), "fold": _at_least(0), "cv_seed": _SEED,
+                      "steps": _at_least(1), "batch_size": _at_least(1), "crops_per_study": _at_least(1),
+                      "hidden": _at_least(1), "lr": _POSITIVE, "sw_batch_size": _at_least(1)},
         SegModelConfig: {"feature_size": _FEATURE_SIZE, "in_channels": _at_least(1), "drop_path_rate": _UNIT,
                          "out_channels": _rule(lambda v: v == 0 or v >= 2, "must be 0 (the label set's classes) or "
                                                ">= 2 (background and at least one class)")},
@@ -198,7 +202,8 @@ def _well_typed(cfg: Any) -> bool:
 @functools.cache
 def _cross_rules() -> dict[type, tuple[CrossRule, ...]]:
     own = {PretextConfig: _pretext_cross, CVConfig: _cv_cross, TrackingConfig: _tracking_cross,
-           SampleSpec: _sample_cross, FinetuneConfig: _finetune_cross, SweepConfig: _sweep_cross}
+           SampleSpec: _sample_cross, FinetuneConfig: _finetune_cross, SweepConfig: _sweep_cross,
+           ProbeConfig: _probe_cross, PretrainConfig: _pretrain_probe_cross}
     return {cls: (rule,) for cls, rule in own.items()}
 
 
@@ -207,6 +212,24 @@ def _pretext_cross(cfg: PretextConfig, prefix: str) -> list[str]:
         return []
     return [_bad(f"{prefix}cutout_min_side", f"must be <= {prefix}cutout_max_side ({cfg.cutout_max_side})",
                  cfg.cutout_min_side)]
+
+
+def _probe_cross(cfg: ProbeConfig, prefix: str) -> list[str]:
+    if cfg.fold < cfg.folds:
+        return []
+    return [_bad(f"{prefix}fold", f"must be a fold index of {prefix}folds={cfg.folds}", cfg.fold,
+                 f"0..{cfg.folds - 1}")]
+
+
+def _pretrain_probe_cross(cfg: PretrainConfig, prefix: str) -> list[str]:
+    """The probe runs at report steps only; exporting the best probe's weights needs a probe."""
+    out = []
+    if cfg.probe.every > 0 and cfg.probe.every % cfg.trainer.log_every:
+        out.append(_bad(f"{prefix}probe.every", f"must be a multiple of {prefix}trainer.log_every "
+                        f"({cfg.trainer.log_every}): the probe runs at report steps", cfg.probe.every))
+    if cfg.export == "best_probe" and cfg.probe.every <= 0:
+        out.append(_bad(f"{prefix}export", f"'best_probe' needs the probe on ({prefix}probe.every > 0)", cfg.export))
+    return out
 
 
 def _cv_cross(cfg: CVConfig, prefix: str) -> list[str]:

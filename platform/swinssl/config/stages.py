@@ -173,6 +173,37 @@ class TrackingConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Downstream probe during pretraining (swinssl.train.probe): every `every` steps rank 0 trains a small head on
+    the frozen encoder's multi-scale features, on the labelled training studies of one cross-validation fold, and
+    scores Dice on that fold's validation studies (`probe/dice_mean`, `probe/dice/<class>`)."""
+
+    every: int = 0
+    """Steps between probes, a multiple of trainer.log_every (the last step is probed too); 0 turns the probe off."""
+    folds: int = 5
+    """Folds of data.root's labelled studies, split exactly as `swinssl finetune` splits them (patient-grouped,
+    lesion-stratified, `train.finetune.make_folds`); keep it and `cv_seed` equal to the fine-tuning's cv.folds and
+    cv.seed (a sweep trial sets both from its fine-tuning config)."""
+    fold: int = 0
+    """Validation fold the probe scores (0..folds-1); the head trains on the studies of the other folds."""
+    cv_seed: int = 0
+    """Seed of the fold split (the fine-tuning's cv.seed)."""
+    steps: int = 200
+    """AdamW steps of the probe head at each probe (a fresh head every time)."""
+    batch_size: int = 2
+    """Training crops per probe-head step."""
+    crops_per_study: int = 4
+    """Class-balanced training crops (data.roi) cut from each training study, once per run: every probe sees the
+    same crops, so probe values differ only by the encoder."""
+    hidden: int = 32
+    """Width of the head: each encoder scale is projected to this many channels (1x1x1 conv), upsampled and summed."""
+    lr: float = 1e-3
+    """Learning rate of the probe head (AdamW, constant)."""
+    sw_batch_size: int = 4
+    """Sliding windows per forward pass when scoring the validation studies."""
+
+
+@dataclass
 class PretrainConfig:
     """`swinssl pretrain`: everything that defines a pretraining run."""
 
@@ -194,8 +225,11 @@ class PretrainConfig:
     """Ray Train workers and the loop's schedule."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow logging."""
-
-
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """Downstream probe during pretraining (off by default)."""
+    export: Literal["last", "best_probe"] = "last"
+    """Which weights become encoder.pt: 'last' (the final checkpoint) or 'best_probe' (the weights at the probe step
+    with the highest probe/dice_mean, ties to the earlier step; needs probe.every > 0)."""
 
 
 @dataclass

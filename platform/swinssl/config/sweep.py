@@ -46,7 +46,11 @@ class SchedulerConfig:
     asha: bool = False
     """Stop weak pretraining trials early with ASHA; False runs every trial to the end."""
     metric: str = "loss"
-    """Pretraining metric ASHA minimises (a key the loop reports, e.g. 'loss')."""
+    """Pretraining metric ASHA ranks trials by (a key the loop reports: 'loss', 'loss_<task>', or the probe's
+    'probe/dice_mean' / 'probe/dice/<class>', which need the pretraining's probe.every > 0)."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """Whether a higher or lower `metric` is better: 'min', 'max', or 'auto' (max for a Dice metric, a name
+    containing 'dice'; min otherwise)."""
     grace_samples: int = 64
     """Samples seen before a trial can be stopped; >= 1."""
     max_samples: int = 0

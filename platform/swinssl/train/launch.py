@@ -2,8 +2,9 @@
 TorchTrainer on the Ray Data crop stream, then turn the final checkpoint into `encoder.pt`.
 
 Outputs under `output_dir`: `config.yaml` (resolved), `ray/<name>/checkpoint_*` (Ray Train storage: re-running
-with the same output_dir resumes), `encoder.pt` (MONAI `load_from` + BTCV layouts), `mlflow_run.json`, `result.json`.
-"""
+with the same output_dir resumes), `encoder.pt` (MONAI `load_from` + BTCV layouts), `mlflow_run.json`, `result.json`,
+and with `probe.every` > 0 `probe/` (see train.probe); `export: best_probe` makes encoder.pt from the best probe's
+weights instead of the last checkpoint's."""
 
 from __future__ import annotations
 
@@ -94,8 +95,12 @@ def _validate(cfg: PretrainConfig) -> tuple[PretrainTask, list, Path]:
         static = []
     except ConfigError as exc:
         static = exc.problems
-    studies, found = _data_problems(cfg, {p.split(":")[0] for p in static})
-    validate(cfg, extra=required + found)
+    known = {p.split(":")[0] for p in static}
+    studies, found = _data_problems(cfg, known)
+    from .probe import probe_problems
+
+    checked = not any(key == "data.root" or key.startswith("probe.") for key in known)
+    validate(cfg, extra=required + found + (probe_problems(cfg) if checked else []))
     return PretrainTask(cfg), studies, Path(cfg.output_dir).resolve()
 
 
@@ -123,6 +128,9 @@ def build_trainer(cfg: PretrainConfig, task: PretrainTask, studies: list, output
         train_worker,
         train_loop_config={"kind": "pretrain", "cfg": asdict(cfg), "tracking": tracking, "meta": model_signature(cfg),
                            "chaos": chaos_config(cfg, output_dir),
+                           # absolute: a worker's working directory is not the driver's
+                           "probe": {"dir": str(output_dir / "probe"), "root": str(Path(cfg.data.root).resolve())}
+                           if cfg.probe.every > 0 else None,
                            # the workers are other processes: a task registered only here must travel with the run
                            "pretext": registry.pack(task.tasks)},
         scaling_config=scaling_config(cfg),
@@ -165,7 +173,16 @@ def export_encoder(cfg: PretrainConfig, task: PretrainTask, checkpoint_dir: str 
     model = task.build_model()
     model.load_state_dict(state["model"])
     return save_encoder(model, path, extra={"step": int(state["loop"]["step"]), "source": "swinssl.pretrain",
-                                            "roi": list(cfg.data.roi)})
+                                            "roi": list(cfg.data.roi), "export": cfg.export})
+
+
+def export_source(cfg: PretrainConfig, output_dir: Path, last: str | Path) -> Path:
+    """The checkpoint `encoder.pt` is made from: `last`, or with export=best_probe the best probe's weights."""
+    if cfg.export == "best_probe":
+        from .probe import best_checkpoint
+
+        return best_checkpoint(output_dir)
+    return Path(last)
 
 
 def _fit(cfg: PretrainConfig, task: PretrainTask, studies: list, output_dir: Path, tracking: dict | None,
@@ -183,7 +200,7 @@ def _fit(cfg: PretrainConfig, task: PretrainTask, studies: list, output_dir: Pat
             finish_run(tracking["uri"], tracking["run_id"], "FAILED")
         raise
     with result.checkpoint.as_directory() as directory:
-        encoder = export_encoder(cfg, task, directory, output_dir / "encoder.pt")
+        encoder = export_encoder(cfg, task, export_source(cfg, output_dir, directory), output_dir / "encoder.pt")
     return encoder, {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
 
 
@@ -198,7 +215,7 @@ def pretrain(cfg: PretrainConfig, parent_run_id: str | None = None, callbacks: l
     tracking = _open_tracking(cfg, output_dir, studies, parent_run_id)
     if latest is not None and load_meta(latest).get("step", 0) >= cfg.trainer.steps:
         # a rerun of a finished command: nothing to launch, re-export from the last checkpoint
-        encoder = export_encoder(cfg, task, latest, output_dir / "encoder.pt")
+        encoder = export_encoder(cfg, task, export_source(cfg, output_dir, latest), output_dir / "encoder.pt")
         previous = output_dir / "result.json"
         metrics = json.loads(previous.read_text())["metrics"] if previous.exists() else {}
     else:

@@ -113,6 +113,11 @@ class Hooks:
     def after_step(self, step: int, rank: int) -> None:
         """Every rank, after each optimizer step (fault injection for resilience tests lives here)."""
 
+    def evaluate(self, model: nn.Module, step: int, final: bool) -> dict[str, float]:
+        """Every rank, at each report step before the report: metrics measured on the unwrapped model (rank 0's are
+        logged and reported with the loop's; e.g. the downstream probe of `train.probe`). Default: none."""
+        return {}
+
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """Pretext RNG as a pure function of (seed, rank, step): a resumed run draws what the first run would have."""
@@ -174,7 +179,8 @@ def _after_step(state, meter, trainer, world, scheduler, hooks, raw_model, optim
         return
     metrics = {**meter.summary(world), "lr": max(scheduler.get_last_lr()), "epoch": state.epoch,
                "samples_seen": state.samples, "step": state.step}
-    meter.reset()
+    metrics.update(hooks.evaluate(raw_model, state.step, final))
+    meter.reset()  # after the evaluation: its time is not charged to the next interval's throughput
     if rank == 0:
         hooks.log({k: v for k, v in metrics.items() if k != "step"}, state.step)
     if not checkpoint_now:

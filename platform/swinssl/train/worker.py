@@ -25,11 +25,16 @@ once, right after step 3, to exercise Ray Train's restart-from-checkpoint path f
 
 
 class RayHooks(loop.Hooks):
-    """Reports to Ray Train (a barrier on all ranks); rank 0 buffers metrics for MLflow."""
+    """Reports to Ray Train (a barrier on all ranks); rank 0 buffers metrics for MLflow and runs the probe (`prober`,
+    train.probe; the other ranks wait for it in the report)."""
 
-    def __init__(self, rank: int, tracking: dict[str, str] | None, chaos: dict | None = None):
+    def __init__(self, rank: int, tracking: dict[str, str] | None, chaos: dict | None = None, prober=None):
         self.chaos = chaos or {}
         self.buffer = None
+        self.prober = prober
+        # the latest probe values ride along in every report (NaN before the first): Tune's scheduler wants its
+        # metric in each result; MLflow gets them only at the probe step
+        self.last_probe = dict.fromkeys(prober.metric_names(), float("nan")) if prober else {}
         if rank == 0 and tracking:
             from ..tracking.mlflow_run import MetricBuffer
 
@@ -38,7 +43,14 @@ class RayHooks(loop.Hooks):
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report({**self.last_probe, **metrics}, checkpoint=checkpoint)
+
+    def evaluate(self, model, step: int, final: bool) -> dict[str, float]:
+        if self.prober is None or not self.prober.due(step, final):
+            return {}
+        fresh = self.prober(model, step)
+        self.last_probe.update(fresh)
+        return fresh
 
     def log(self, metrics: dict, step: int) -> None:
         if self.buffer:
@@ -105,7 +117,12 @@ def train_worker(config: dict[str, Any]) -> None:
                                         local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                                         local_shuffle_seed=cfg.trainer.seed * 7919 + epoch * 31 + rank)
 
-    hooks = RayHooks(rank, config.get("tracking"), config.get("chaos"))
+    prober = None
+    if rank == 0 and config.get("probe"):
+        from .probe import Prober
+
+        prober = Prober(cfg, config["probe"]["dir"], device, root=config["probe"]["root"])
+    hooks = RayHooks(rank, config.get("tracking"), config.get("chaos"), prober)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         loop.run(task, model, raw, next_epoch, cfg.trainer, cfg.optim, device, rank, world, hooks,

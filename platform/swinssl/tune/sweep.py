@@ -55,12 +55,14 @@ def _validate(cfg: SweepConfig, specs: list[TrialSpec], sweep_dir: Path) -> dict
     """Build every trial's configs and check its data now, so a bad value fails before any trial is launched;
     returns the resources one trial holds at a time."""
     from ..train.finetune import data_problems
+    from ..train.probe import probe_problems
 
     if not cfg.output_dir or not cfg.data.root:
         raise ConfigError("output_dir and data.root are required")
     ctx = {"uri": "", "experiment": cfg.tracking.experiment}
     need = {"CPU": 0.0, "GPU": 0.0}
     tuned = {}  # one fine-tuning config per distinct finetune.* values (e.g. cv.train_studies), checked below
+    probe = []
     for spec in specs:
         pretrain_cfg, finetune_cfg = stage_configs(spec, cfg, sweep_dir / "trials" / spec.key, ctx)
         tuned.setdefault(repr(sorted(spec.finetune_overrides().items())), finetune_cfg)
@@ -69,11 +71,14 @@ def _validate(cfg: SweepConfig, specs: list[TrialSpec], sweep_dir: Path) -> dict
                               + stage.data.read_cpus)
             need["GPU"] = max(need["GPU"], stage.trainer.num_workers if stage.trainer.use_gpu else 0)
         if pretrain_cfg is not None:
+            probe += _probe_metric_problems(cfg, spec, pretrain_cfg) + probe_problems(pretrain_cfg)
             try:
                 studies = select_studies(cfg.data.root, pretrain_cfg.data.cohort, pretrain_cfg.data.subset)
                 check_roi_fits(studies, pretrain_cfg.data.roi)
             except ValueError as exc:
                 raise type(exc)(f"trial {spec.name!r}: {exc}") from None
+    if probe:
+        raise ConfigError("; ".join(dict.fromkeys(probe)), list(dict.fromkeys(probe)))
     problems = list(dict.fromkeys(p for tuned_cfg in tuned.values() for p in data_problems(tuned_cfg)[0]))
     if problems:
         raise ConfigError("fine-tuning: " + "; ".join(problems), problems)
@@ -91,6 +96,29 @@ def max_concurrent_trials(cfg: SweepConfig, need: dict) -> int:
     return max(1, min(fits, default=1))
 
 
+def scheduler_mode(cfg: SweepConfig) -> str:
+    """'min' or 'max' for ASHA: `scheduler.mode`, or with 'auto' max for a Dice metric and min otherwise."""
+    if cfg.scheduler.mode != "auto":
+        return cfg.scheduler.mode
+    return "max" if "dice" in cfg.scheduler.metric.lower() else "min"
+
+
+def _probe_metric_problems(cfg: SweepConfig, spec: TrialSpec, pretrain_cfg) -> list[str]:
+    """ASHA on a `probe/*` metric needs the probe on in every pretraining, and its first probe before the grace
+    period ends (until then the metric is NaN, which ASHA can neither rank nor stop on)."""
+    if not (cfg.scheduler.asha and cfg.scheduler.metric.startswith("probe/")):
+        return []
+    if pretrain_cfg.probe.every <= 0:
+        return [f"scheduler.metric: {cfg.scheduler.metric!r} needs the probe in the pretraining of trial "
+                f"{spec.name!r} (set pretrain_overrides.probe.every > 0)"]
+    t = pretrain_cfg.trainer
+    first = min(pretrain_cfg.probe.every, t.steps) * pretrain_cfg.data.batch_size * t.num_workers * t.grad_accum
+    if cfg.scheduler.grace_samples < first:
+        return [f"scheduler.grace_samples: {cfg.scheduler.grace_samples} but trial {spec.name!r} probes first at "
+                f"{first} samples seen; set grace_samples >= {first}"]
+    return []
+
+
 def _scheduler(cfg: SweepConfig, specs: list[TrialSpec], sweep_dir: Path):
     if not cfg.scheduler.asha:
         return None
@@ -101,8 +129,11 @@ def _scheduler(cfg: SweepConfig, specs: list[TrialSpec], sweep_dir: Path):
         first = next(s for s in specs if s.init == "pretrained")
         pre = stage_configs(first, cfg, sweep_dir, {"uri": "", "experiment": ""})[0]
         max_samples = (pre.trainer.steps * pre.data.batch_size * pre.trainer.num_workers * pre.trainer.grad_accum)
-    return ASHAScheduler(time_attr="samples_seen", metric=cfg.scheduler.metric, mode="min", max_t=max_samples,
-                         grace_period=cfg.scheduler.grace_samples, reduction_factor=cfg.scheduler.reduction_factor)
+    # stop_last_trials=False: a pretraining's last report reaches max_t, and ASHA's default would stop every trial
+    # there, before its fine-tuning (the trial's actual result)
+    return ASHAScheduler(time_attr="samples_seen", metric=cfg.scheduler.metric, mode=scheduler_mode(cfg),
+                         max_t=max_samples, grace_period=cfg.scheduler.grace_samples,
+                         reduction_factor=cfg.scheduler.reduction_factor, stop_last_trials=False)
 
 
 PROGRESS_PREFIX = "[sweep]"
@@ -243,7 +274,8 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     ensure_ray(min_cpus=need["CPU"] + 1)
     ctx = {"sweep": asdict(cfg), "sweep_dir": str(sweep_dir), "uri": uri or "", "experiment": cfg.tracking.experiment,
            "study": cfg.study or cfg.name, "sweep_name": cfg.name, "parent_run_id": run_id,
-           "fail_trial": os.environ.get(FAIL_ENV, ""), "asha": cfg.scheduler.asha}
+           "fail_trial": os.environ.get(FAIL_ENV, ""), "asha": cfg.scheduler.asha,
+           "metric": cfg.scheduler.metric}
     grid = _tuner(cfg, specs, ctx, sweep_dir, need).fit()
     trials = _reconcile(specs, grid, sweep_dir, ctx)
     report = ""

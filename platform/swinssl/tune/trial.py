@@ -44,7 +44,10 @@ def stage_configs(spec: TrialSpec, sweep: SweepConfig, trial_dir: Path, ctx: dic
     values = {**flatten(sweep.finetune_overrides), **spec.finetune_overrides(), **common,
               "output_dir": str(trial_dir / "finetune"), "tracking.run_name": spec.name,
               "encoder": str(trial_dir / "pretrain" / "encoder.pt") if pretrain_cfg else ""}
-    return pretrain_cfg, load_config(sweep.finetune, to_overrides(values), FinetuneConfig)
+    finetune_cfg = load_config(sweep.finetune, to_overrides(values), FinetuneConfig)
+    if pretrain_cfg is not None:  # the probe splits the labelled studies as this trial's fine-tuning does
+        pretrain_cfg.probe.folds, pretrain_cfg.probe.cv_seed = finetune_cfg.cv.folds, finetune_cfg.cv.seed
+    return pretrain_cfg, finetune_cfg
 
 
 def _open_trial_run(spec: TrialSpec, ctx: dict, trial_dir: Path) -> str | None:
@@ -70,7 +73,8 @@ def _pretrain(cfg: PretrainConfig, run_id: str | None, ctx: dict) -> tuple[dict,
     from ..train.launch import pretrain
 
     result = pretrain(cfg, parent_run_id=run_id, callbacks=[TuneReportCallback()])
-    final = {k: v for k, v in result.metrics.items() if k.startswith("loss") or k == "samples_seen"}
+    final = {k: v for k, v in result.metrics.items()
+             if k.startswith(("loss", "probe/")) or k == "samples_seen"}
     if run_id:
         buffer = mlflow_run.MetricBuffer(ctx["uri"], run_id, prefix="pretrain/")
         buffer.log(final, step=0)
@@ -94,10 +98,12 @@ def _execute(spec: TrialSpec, sweep: SweepConfig, trial_dir: Path, run_id: str |
             "dice_mean": dice["mean"], "per_class": {k: v for k, v in dice.items() if k != "mean"}}
 
 
-def tune_metrics(result: dict) -> dict[str, float]:
-    """What a finished trial reports to Tune (ASHA needs its metric and time attribute in every result)."""
+def tune_metrics(result: dict, metric: str = "loss") -> dict[str, float]:
+    """What a finished trial reports to Tune (ASHA needs its `metric` and time attribute in every result; the
+    scratch baseline, which does not pretrain, reports NaN for a pretraining metric)."""
     return {"dice_mean": result["dice_mean"]["mean"] if result["dice_mean"]["mean"] is not None else float("nan"),
-            "loss": result["pretrain"].get("loss", float("nan")),
+            "loss": result["pretrain"].get("loss", float("nan")), metric: result["pretrain"].get(metric, float("nan")),
+            **{k: v for k, v in result["pretrain"].items() if k.startswith("probe/")},
             "samples_seen": result["pretrain"].get("samples_seen", 0), "finished": 1}
 
 
@@ -116,10 +122,10 @@ def run_trial(config: dict, ctx: dict) -> None:
     trial_dir.mkdir(parents=True, exist_ok=True)
     done = trial_dir / "result.json"
     if done.exists():  # finished in an earlier run of the sweep: never redone
-        tune.report(tune_metrics(json.loads(done.read_text())))
+        tune.report(tune_metrics(json.loads(done.read_text()), ctx.get("metric", "loss")))
         return
     if (trial_dir / "stopped.json").exists():  # early-stopped in an earlier run: the decision stands
-        tune.report({"loss": float("nan"), "samples_seen": 0, "finished": 0})
+        tune.report({"loss": float("nan"), ctx.get("metric", "loss"): float("nan"), "samples_seen": 0, "finished": 0})
         return
     run_id = _open_trial_run(spec, ctx, trial_dir)
     attempt = _count_attempt(trial_dir)
@@ -139,4 +145,4 @@ def run_trial(config: dict, ctx: dict) -> None:
     if run_id:
         mlflow_run.set_tags(ctx["uri"], run_id, {"attempts": attempt, "error": ""})
         mlflow_run.finish_run(ctx["uri"], run_id)
-    tune.report(tune_metrics(result))
+    tune.report(tune_metrics(result, ctx.get("metric", "loss")))
