@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 from .labels import PSMA, LabelSet
 
@@ -60,6 +61,21 @@ class RegistrationConfig:
     """Plausibility guard: a found translation above this falls back to identity (patients move millimetres)."""
     seed: int = 7
     """Seed of the metric's sample positions: the same inputs register to the same transform."""
+    pet_model_refine: Literal["auto", "always", "never"] = "auto"
+    """Refine the MI result by fitting a PSF-aware PET model of the CT (`petct.pet_model`). MI's optimum is biased
+    (2-6 mm) where the CT covers only part of the PET body, and exact where it covers all of it; the model is better
+    in the first case and worse where uptake follows no CT contrast (PSMA: 0.4 -> 0.7 mm). 'auto': refine when
+    less than `full_coverage` of the PET body lies inside the CT (README, 'Registration accuracy')."""
+    full_coverage: float = 0.98
+    """'auto' refinement: share of PET body voxels inside the CT's field of view (after MI) that counts as full."""
+    pet_fwhm_mm: float = 7.5
+    """The PET's resolution (point-spread FWHM, mm) the model blurs the CT with; clinical whole-body PET 6-8 mm."""
+    ct_presmooth_mm: float = 1.0
+    """Gaussian sigma (mm) on the CT before its HU bins are taken (CT noise is as large as the soft-tissue steps)."""
+    pet_model_samples: int = 60_000
+    """PET body voxels the model fits (seeded subset): 20 000 cost 0.15 mm mean TRE on the `trunk` set."""
+    max_refine_shift_mm: float = 10.0
+    """Guard: a refinement moving the PET centre further than this from the MI result is discarded."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Rigid CT->PET registration: PET fixed, CT moving, Mattes mutual information, multi-resolution, guarded.
+"""Rigid CT->PET registration: PET fixed, CT moving, Mattes mutual information, multi-resolution, then refined
+on a PSF-aware PET model of the CT (`petct.pet_model`), guarded.
 
 The returned transform maps PET (fixed) physical points to CT (moving) points, the SimpleITK convention: give it
 to `sitk.Resample` as it is. It starts from identity in world coordinates because CT and PET share the scanner
@@ -21,7 +22,8 @@ BODY_LOG_SUV = float(np.log1p(0.3))  # SUV 0.3 in the log view: tissue has uptak
 
 @dataclass
 class RegistrationResult:
-    """Outcome of `register_ct_to_pet`. `metric_*` are Mattes MI values (lower = better aligned)."""
+    """Outcome of `register_ct_to_pet`. `metric_*` are Mattes MI values of the MI stage (lower = better aligned);
+    the PET-model refinement's own fit is `model_r2`."""
 
     transform: sitk.Euler3DTransform
     metric_before: float
@@ -30,6 +32,10 @@ class RegistrationResult:
     """'registered', 'identity_fallback' (guard rejected the result: see `reason`) or 'disabled'."""
     reason: str
     iterations: int
+    model_r2: float = math.nan
+    """Weighted R^2 of the PET model at the final transform (NaN: no refinement)."""
+    refined: bool = False
+    """True when the PET-model refinement was kept (see `reason` when it was discarded)."""
 
     @property
     def rotation_deg(self) -> float:
@@ -52,6 +58,8 @@ class RegistrationResult:
             "rotation_deg": self.rotation_deg,
             "translation_mm": self.translation_mm,
             "registration_iterations": self.iterations,
+            "registration_refined": self.refined,
+            "registration_model_r2": self.model_r2,
         }
 
 
@@ -126,11 +134,41 @@ def _metric(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, cf
     return float(reg.MetricEvaluate(fixed, moving))
 
 
-def register_ct_to_pet(ct_smoothed: sitk.Image, pet: sitk.Image, cfg: RegistrationConfig) -> RegistrationResult:
+def register_ct_to_pet(ct_smoothed: sitk.Image, pet: sitk.Image, cfg: RegistrationConfig,
+                       ct: sitk.Image | None = None) -> RegistrationResult:
     """Rigidly register CT (HU, anti-aliased for the PET grid: `resample.antialias`) to PET (SUV).
 
-    Raises RuntimeError from ITK only when the images do not overlap at identity (the caller turns it into a study
-    error); a failure during optimisation falls back to identity."""
+    `ct`: the CT at its own resolution, for the PET-model refinement (skipped without it; see
+    `cfg.pet_model_refine`). Raises RuntimeError from ITK only when the images do not overlap at identity (the
+    caller turns it into a study error); a failure during optimisation falls back to identity."""
+    result = _register_mi(ct_smoothed, pet, cfg)
+    if ct is None or cfg.pet_model_refine == "never" or result.status != "registered":
+        return result  # a rejected MI result stays rejected: the model is not a second chance for a failure
+    coverage = body_coverage(ct, pet, result.transform)
+    if cfg.pet_model_refine == "auto" and coverage >= cfg.full_coverage:
+        return result
+    return _refine(result, ct, pet, cfg)
+
+
+def body_coverage(ct: sitk.Image, pet: sitk.Image, transform: sitk.Transform) -> float:
+    """Share of the PET's body voxels (SUV > 0.3) that `transform` maps inside the CT's field of view."""
+    suv = sitk.GetArrayViewFromImage(pet)
+    k, j, i = np.nonzero(suv[::2, ::2, ::2] > 0.3)  # every 8th voxel: a share needs no more
+    if len(k) == 0:
+        return 0.0
+    ijk = 2.0 * np.stack([i, j, k], axis=1)
+    points = np.asarray(pet.GetOrigin()) + (ijk * np.asarray(pet.GetSpacing())) @ np.asarray(
+        pet.GetDirection()).reshape(3, 3).T
+    a = np.asarray(transform.GetMatrix()).reshape(3, 3)
+    centre, shift = np.asarray(transform.GetCenter()), np.asarray(transform.GetTranslation())
+    in_ct = (points - centre) @ a.T + centre + shift
+    direction = np.asarray(ct.GetDirection()).reshape(3, 3)
+    index = ((in_ct - np.asarray(ct.GetOrigin())) @ direction) / np.asarray(ct.GetSpacing())
+    inside = np.all((index >= -0.5) & (index <= np.asarray(ct.GetSize()) - 0.5), axis=1)
+    return float(inside.mean())
+
+
+def _register_mi(ct_smoothed: sitk.Image, pet: sitk.Image, cfg: RegistrationConfig) -> RegistrationResult:
     identity = sitk.Euler3DTransform()
     if not cfg.enabled:
         return RegistrationResult(identity, math.nan, math.nan, "disabled", "registration disabled", 0)
@@ -189,3 +227,26 @@ def _guard(found: sitk.Euler3DTransform, fixed: sitk.Image, moving: sitk.Image, 
     else:
         return RegistrationResult(found, before, after, "registered", "", iterations)
     return RegistrationResult(identity, before, before, "identity_fallback", reason, iterations)
+
+
+def _refine(mi: RegistrationResult, ct: sitk.Image, pet: sitk.Image, cfg: RegistrationConfig) -> RegistrationResult:
+    """PET-model refinement from the MI result, kept only if the motion stays plausible and near the MI result."""
+    from .pet_model import refine_with_pet_model
+
+    start = mi.transform
+    fit = refine_with_pet_model(ct, pet, start, cfg.pet_fwhm_mm, cfg.ct_presmooth_mm,
+                                max_samples=cfg.pet_model_samples, seed=cfg.seed)
+    centre = np.asarray(_centre(pet))
+    moved = float(np.linalg.norm(np.asarray(fit.transform.TransformPoint(centre)) - start.TransformPoint(centre)))
+    rotation, shift = rotation_angle_deg(fit.transform), float(np.linalg.norm(fit.transform.GetTranslation()))
+    if not np.isfinite(fit.r2):
+        reason = "PET-model refinement skipped: too few body voxels inside the CT"
+    elif moved > cfg.max_refine_shift_mm:
+        reason = f"PET-model refinement discarded: moved the PET centre {moved:.1f} mm from the MI result"
+    elif rotation > cfg.max_rotation_deg or shift > cfg.max_translation_mm:
+        reason = f"PET-model refinement discarded: implausible motion {rotation:.1f} deg, {shift:.1f} mm"
+    else:
+        return RegistrationResult(fit.transform, mi.metric_before, mi.metric_after, "registered", "",
+                                  mi.iterations + fit.iterations, fit.r2, True)
+    return RegistrationResult(mi.transform, mi.metric_before, mi.metric_after, mi.status,
+                              "; ".join(r for r in (mi.reason, reason) if r), mi.iterations, fit.r2, False)

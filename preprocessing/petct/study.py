@@ -185,7 +185,7 @@ def _prepare(source: StudySource, layout: OutputLayout, cfg: PrepareConfig, time
         ct_smoothed = antialias(ct, pet.GetSpacing())
     with timer("register"):
         try:
-            result = register_ct_to_pet(ct_smoothed, pet, cfg.registration)
+            result = register_ct_to_pet(ct_smoothed, pet, cfg.registration, ct)
         except RuntimeError as exc:  # ITK: "Joint PDF summed to zero" = nothing in common at identity
             raise StudyError(sid, "no_overlap", f"CT and PET share no signal at identity ({exc})"[:300]) from exc
     with timer("read"):  # after registration: a label drawn on the CT follows the CT onto the PET grid

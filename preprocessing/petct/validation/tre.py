@@ -61,7 +61,7 @@ def register(ct: sitk.Image, pet: sitk.Image, cfg: RegistrationConfig | None = N
                                                                                                  float]:
     """The pipeline's path: anti-alias the CT for the PET grid, then register; returns (result, seconds)."""
     start = time.perf_counter()
-    result = register_ct_to_pet(antialias(ct, pet.GetSpacing()), pet, cfg or RegistrationConfig())
+    result = register_ct_to_pet(antialias(ct, pet.GetSpacing()), pet, cfg or RegistrationConfig(), ct)
     return result, time.perf_counter() - start
 
 
