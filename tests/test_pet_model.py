@@ -10,8 +10,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from petct.config import RegistrationConfig
-from petct.pet_model import FWHM_TO_SIGMA, HU_BINS, _Channels, refine_with_pet_model, tissue_channels
-from petct.registration import body_coverage
+from petct.pet_model import FWHM_TO_SIGMA, HU_BINS, _Channels, body_coverage, refine_with_pet_model, tissue_channels
 from petct.validation.sets import head_pelvis_study, trunk_study
 from petct.validation.tre import register, tre_mm
 

@@ -146,7 +146,27 @@ def _gather(volume: np.ndarray, index: np.ndarray) -> np.ndarray:
                                    prefilter=False)
 
 
-def _apply(transform: sitk.Euler3DTransform, points: np.ndarray) -> np.ndarray:
+def voxel_centres(image: sitk.Image, k: np.ndarray, j: np.ndarray, i: np.ndarray) -> np.ndarray:
+    """Physical centres (N, 3) of the voxels at numpy indices (k, j, i) = (z, y, x)."""
+    ijk = np.stack([i, j, k], axis=1).astype(float)
+    return np.asarray(image.GetOrigin()) + (ijk * np.asarray(image.GetSpacing())) @ np.asarray(
+        image.GetDirection()).reshape(3, 3).T
+
+
+def body_coverage(ct: sitk.Image, pet: sitk.Image, transform: sitk.Transform) -> float:
+    """Share of the PET's body voxels (SUV > 0.3) that `transform` (PET point -> CT point) maps inside the CT's
+    field of view: below ~1, MI's optimum is biased and the model refinement helps (`RegistrationConfig`)."""
+    k, j, i = np.nonzero(sitk.GetArrayViewFromImage(pet)[::2, ::2, ::2] > 0.3)  # every 8th voxel: enough for a share
+    if len(k) == 0:
+        return 0.0
+    in_ct = _apply(transform, voxel_centres(pet, 2 * k, 2 * j, 2 * i))
+    index = ((in_ct - np.asarray(ct.GetOrigin())) @ np.asarray(ct.GetDirection()).reshape(3, 3)) / np.asarray(
+        ct.GetSpacing())
+    return float(np.all((index >= -0.5) & (index <= np.asarray(ct.GetSize()) - 0.5), axis=1).mean())
+
+
+def _apply(transform: sitk.Transform, points: np.ndarray) -> np.ndarray:
+    """transform(p) for each row of points (N, 3), through its affine matrix (rigid or affine transforms only)."""
     a = np.asarray(transform.GetMatrix()).reshape(3, 3)
     c, t = np.asarray(transform.GetCenter()), np.asarray(transform.GetTranslation())
     return (points - c) @ a.T + c + t
@@ -202,9 +222,7 @@ def _samples(pet: sitk.Image, channels: _Channels, start: sitk.Euler3DTransform,
     if len(k) > max_samples:
         keep = np.sort(np.random.default_rng(seed).choice(len(k), max_samples, replace=False))
         k, j, i = k[keep], j[keep], i[keep]
-    ijk = np.stack([i, j, k], axis=1).astype(float)
-    points = np.asarray(pet.GetOrigin()) + (ijk * np.asarray(pet.GetSpacing())) @ np.asarray(
-        pet.GetDirection()).reshape(3, 3).T
+    points = voxel_centres(pet, k, j, i)
     inside = _gather(channels.cover, channels.index(_apply(start, points))) > 0.999
     smooth = ndimage.gaussian_filter(suv, 1.0)[k, j, i]  # weights from a denoised PET, not the noisy voxel
     return points[inside], suv[k, j, i][inside], 1.0 / np.maximum(smooth[inside], 0.3)

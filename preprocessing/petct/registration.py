@@ -15,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .config import RegistrationConfig
+from .pet_model import body_coverage, refine_with_pet_model
 
 BODY_HU = -500.0
 BODY_LOG_SUV = float(np.log1p(0.3))  # SUV 0.3 in the log view: tissue has uptake, air has none
@@ -150,24 +151,6 @@ def register_ct_to_pet(ct_smoothed: sitk.Image, pet: sitk.Image, cfg: Registrati
     return _refine(result, ct, pet, cfg)
 
 
-def body_coverage(ct: sitk.Image, pet: sitk.Image, transform: sitk.Transform) -> float:
-    """Share of the PET's body voxels (SUV > 0.3) that `transform` maps inside the CT's field of view."""
-    suv = sitk.GetArrayViewFromImage(pet)
-    k, j, i = np.nonzero(suv[::2, ::2, ::2] > 0.3)  # every 8th voxel: a share needs no more
-    if len(k) == 0:
-        return 0.0
-    ijk = 2.0 * np.stack([i, j, k], axis=1)
-    points = np.asarray(pet.GetOrigin()) + (ijk * np.asarray(pet.GetSpacing())) @ np.asarray(
-        pet.GetDirection()).reshape(3, 3).T
-    a = np.asarray(transform.GetMatrix()).reshape(3, 3)
-    centre, shift = np.asarray(transform.GetCenter()), np.asarray(transform.GetTranslation())
-    in_ct = (points - centre) @ a.T + centre + shift
-    direction = np.asarray(ct.GetDirection()).reshape(3, 3)
-    index = ((in_ct - np.asarray(ct.GetOrigin())) @ direction) / np.asarray(ct.GetSpacing())
-    inside = np.all((index >= -0.5) & (index <= np.asarray(ct.GetSize()) - 0.5), axis=1)
-    return float(inside.mean())
-
-
 def _register_mi(ct_smoothed: sitk.Image, pet: sitk.Image, cfg: RegistrationConfig) -> RegistrationResult:
     identity = sitk.Euler3DTransform()
     if not cfg.enabled:
@@ -231,8 +214,6 @@ def _guard(found: sitk.Euler3DTransform, fixed: sitk.Image, moving: sitk.Image, 
 
 def _refine(mi: RegistrationResult, ct: sitk.Image, pet: sitk.Image, cfg: RegistrationConfig) -> RegistrationResult:
     """PET-model refinement from the MI result, kept only if the motion stays plausible and near the MI result."""
-    from .pet_model import refine_with_pet_model
-
     start = mi.transform
     fit = refine_with_pet_model(ct, pet, start, cfg.pet_fwhm_mm, cfg.ct_presmooth_mm,
                                 max_samples=cfg.pet_model_samples, seed=cfg.seed)
