@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -162,16 +164,18 @@ def _store(tmp_path: Path, dice: dict[tuple[str, int], dict[tuple[str, str], flo
 
 
 def _recomputed(client: MlflowClient, sweep: str) -> dict[tuple[str, int], tuple[float, float, dict]]:
-    """Independently of the report: (init, labelled) -> (mean, sample std, {(seed, fold): dice}) of the fold runs."""
+    """Independently of the report: (init, labelled) -> (mean, sample std (NaN for one fold), {(seed, fold): dice})
+    of the fold runs."""
     experiment = client.get_run(sweep).info.experiment_id
     pooled: dict[tuple[str, int], dict] = {}
     for trial in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{sweep}'"):
         key = (trial.data.params["init"], int(trial.data.params[LABELS_KEY]))
-        for fold in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{trial.info.run_id}'"):
+        for fold in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{trial.info.run_id}' and "
+                                       "tags.`swinssl.kind` = 'finetune-fold'"):  # not the pretraining run
             pooled.setdefault(key, {})[(trial.data.params["seed"], fold.data.params["fold"])] = \
                 fold.data.metrics["dice_mean"]
-    return {k: (float(np.mean(list(v.values()))), float(np.std(list(v.values()), ddof=1)), v)
-            for k, v in pooled.items()}
+    return {k: (float(np.mean(list(v.values()))),
+                float(np.std(list(v.values()), ddof=1)) if len(v) > 1 else math.nan, v) for k, v in pooled.items()}
 
 
 def test_report_plots_dice_against_labelled_studies(tmp_path) -> None:
@@ -205,3 +209,114 @@ def test_no_label_axis_no_label_plot(tmp_path) -> None:
     report = sweep_report(uri, sweep, tmp_path / "out", log=False)
     assert label_curves(report.settings) == [] and not (tmp_path / "out" / "dice_vs_labels.png").exists()
     assert len(report.files) == 4
+
+
+LABELS_TINY = EXPERIMENTS / "label_efficiency_tiny.yaml"
+PLOT_ENV = "SWINSSL_LABELS_PLOT"
+"""`SWINSSL_LABELS_PLOT=docs/label_efficiency_tiny.png` also saves the e2e test's plot there (the README's picture)."""
+
+
+@pytest.fixture(scope="module")
+def labelled_cohort(tmp_path_factory, ray_session) -> Path:
+    """4 labelled + 3 unlabelled small studies prepared through the session's Ray (conftest's `prepared` has only 2
+    labelled studies: too few for 2 labelled training studies in each of 2 folds)."""
+    from petct.pipeline import prepare_cohort
+    from petct.synth import synth_cohort
+
+    csv = synth_cohort(tmp_path_factory.mktemp("labels_cohort"), unlabeled=3, labeled=4, seed=7, scale="small")
+    out = tmp_path_factory.mktemp("labels_prepared")
+    summary = prepare_cohort(csv, out, workers=2, progress=False)
+    assert summary.failed == [], summary.report
+    return out
+
+
+def _trial_runs(client: MlflowClient, sweep_id: str) -> dict[str, object]:
+    experiment = client.get_run(sweep_id).info.experiment_id
+    return {r.info.run_name: r for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{sweep_id}'")}
+
+
+def _fold_runs(client: MlflowClient, trial) -> list:
+    return client.search_runs([trial.info.experiment_id], f"tags.mlflow.parentRunId = '{trial.info.run_id}' and "
+                              "tags.`swinssl.kind` = 'finetune-fold'")
+
+
+def _check_training_sets(out: Path, root: Path, trials: dict, client: MlflowClient) -> None:
+    """Each fold trained on `labelled_subset` of its fold's training set: folds.json against an independent split of
+    the manifest (validation fold unchanged, subsets nested in N, pretrained and scratch alike), and the fold runs'
+    `n_train` / `n_train_available` / `n_val` against it."""
+    manifest = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
+    labelled = sorted(r["study_id"] for r in manifest if r["labeled"] and r["status"] == "ok")
+    patient_of = {r["study_id"]: r.get("patient_id") or r["study_id"] for r in manifest}
+    specs = {s["name"]: s for s in json.loads((out / "trials.json").read_text())}
+    chosen: dict[tuple[str, int], list[str]] = {}
+    for name, trial in trials.items():
+        n = int(trial.data.params[LABELS_KEY])
+        folds = json.loads((out / "trials" / specs[name]["key"] / "finetune" / "folds.json").read_text())
+        assert sorted(s for f in folds["folds"] for s in f) == labelled and folds["train_studies"] == n
+        assert list(folds["train"]) == ["0"]  # finetune_overrides.cv.fold=0
+        val = folds["folds"][0]
+        available = sorted(set(labelled) - set(val))
+        train = folds["train"]["0"]
+        assert train == labelled_subset(CVConfig(seed=folds["seed"], train_studies=n), 0, available, patient_of)
+        assert len(train) == n and set(train) <= set(available)  # one study per synthetic patient: exactly N
+        chosen[(trial.data.params["init"], n)] = train
+        [fold] = _fold_runs(client, trial)
+        assert {k: fold.data.params[k] for k in ("fold", "n_train", "n_train_available", "n_val")} == {
+            "fold": "0", "n_train": str(n), "n_train_available": str(len(available)), "n_val": str(len(val))}
+    assert chosen[("pretrained", 1)] == chosen[("scratch", 1)] and chosen[("pretrained", 2)] == chosen[("scratch", 2)]
+    assert set(chosen[("pretrained", 1)]) < set(chosen[("pretrained", 2)])  # nested
+
+
+def _csv_points(path: Path) -> dict[tuple[str, int], tuple[float, float]]:
+    import csv
+
+    with open(path) as handle:
+        return {(row["init"], int(row[LABELS_KEY])): (float(row["dice_mean"]), float(row["dice_std"]))
+                for row in csv.DictReader(handle)}
+
+
+@pytest.mark.e2e
+def test_tiny_label_efficiency_sweep_end_to_end(labelled_cohort, tmp_path, capsys) -> None:
+    """label_efficiency_tiny on real Ray + sqlite MLflow (fold 0 of 2: one Train run per trial), then `swinssl report
+    --sweep label_efficiency_tiny`: the plotted points are the fold runs' Dice, recomputed here from MLflow."""
+    from swinssl.cli import main
+    from swinssl.tune.report import collect
+    from swinssl.tune.sweep import resolve_stage_paths, sweep
+
+    out, uri = tmp_path / "sweep", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = resolve_stage_paths(load_config(LABELS_TINY, [f"data.root={labelled_cohort}", f"output_dir={out}",
+                                                        f"tracking.tracking_uri={uri}", "finetune_overrides.cv.fold=0"],
+                                          SweepConfig), LABELS_TINY)
+    result = sweep(cfg)
+    assert result.failed == []
+    client = MlflowClient(uri)
+    trials = _trial_runs(client, result.run_id)
+    assert {name: (r.info.status, r.data.params["init"], r.data.params[LABELS_KEY]) for name, r in trials.items()} == {
+        "labelled=1 n=3": ("FINISHED", "pretrained", "1"), "labelled=2 n=3": ("FINISHED", "pretrained", "2"),
+        "scratch labelled=1": ("FINISHED", "scratch", "1"), "scratch labelled=2": ("FINISHED", "scratch", "2")}
+    _check_training_sets(out, labelled_cohort, trials, client)
+
+    capsys.readouterr()
+    report_dir = tmp_path / "report"
+    assert main(["report", "--sweep", "label_efficiency_tiny", "--tracking-uri", uri, "--out", str(report_dir)]) == 0
+    text = capsys.readouterr().out
+    truth = _recomputed(client, result.run_id)  # (init, labelled) -> (mean, std, {(seed, fold): dice})
+    assert set(truth) == {("pretrained", 1), ("pretrained", 2), ("scratch", 1), ("scratch", 2)}
+    assert all(len(folds) == 1 and not math.isnan(next(iter(folds.values()))) for _, _, folds in truth.values())
+    points = _csv_points(report_dir / "report.csv")
+    assert set(points) == set(truth)
+    for key, (mean, std) in points.items():
+        assert math.isclose(mean, truth[key][0], abs_tol=1e-12) and std == 0.0  # one fold: no spread drawn
+    curves = label_curves(collect(client, result.run_id))  # exactly what dice_vs_labels.png draws
+    assert [(c.label, c.labelled) for c in curves] == [("pretrained n=3", [1, 2]), ("scratch", [1, 2])]
+    for curve in curves:
+        init = "scratch" if curve.scratch else "pretrained"
+        assert curve.mean == [points[(init, n)][0] for n in curve.labelled]
+    for n in (1, 2):
+        gain = truth[("pretrained", n)][0] - truth[("scratch", n)][0]
+        row = next(line for line in text.splitlines() if line.startswith(f"| labelled={n} n=3 |"))
+        assert f"{gain:+.3f}" in [cell.strip() for cell in row.split("|")]
+    png = report_dir / "dice_vs_labels.png"
+    assert png.stat().st_size > 10_000 and str(png) in text
+    if os.environ.get(PLOT_ENV):
+        shutil.copy(png, os.environ[PLOT_ENV])
