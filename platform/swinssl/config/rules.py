@@ -93,9 +93,12 @@ def _rules() -> dict[type, dict[str, Rule]]:
         ModelConfig: {"feature_size": _FEATURE_SIZE, "in_channels": _at_least(1), "drop_path_rate": _UNIT,
                       "contrastive_dim": _at_least(1)},
         LossConfig: {"w_rotation": _at_least(0), "w_contrastive": _at_least(0), "w_inpainting": _at_least(0),
-                     "temperature": _POSITIVE},
+                     "temperature": _POSITIVE, "w_simmim": _at_least(0), "w_xmodal": _at_least(0)},
         PretextConfig: {"rotation_dims": _AXES, "cutout_min_side": _FRACTION, "cutout_max_side": _FRACTION,
-                        "cutout_max_drop": _UNIT, "cutout_cross_sample": _UNIT, "cutout_max_boxes": _at_least(1)},
+                        "cutout_max_drop": _UNIT, "cutout_cross_sample": _UNIT, "cutout_max_boxes": _at_least(1),
+                        "mask_ratio": _rule(lambda v: 0 < v < 1, "must be in (0, 1)"), "mask_patch": _rule(
+                            lambda v: v >= 2 and v % 2 == 0, "must be a positive even number of voxels (whole "
+                            "2-voxel patches of the patch embedding)", "e.g. 16"), "xmodal_hide_ct": _UNIT},
         OptimConfig: {"lr": _POSITIVE, "weight_decay": _at_least(0), "warmup_steps": _at_least(0),
                       "min_lr_ratio": _UNIT, "grad_clip": _at_least(0)},
         TrainerConfig: {"steps": _at_least(1), "num_workers": _at_least(1), "cpus_per_worker": _POSITIVE,

@@ -54,6 +54,9 @@ class ModelConfig:
     """Activation checkpointing in the Swin blocks: less memory, ~30% more compute."""
     contrastive_dim: int = 512
     """Output width of the contrastive projection head (a linear layer on the pooled bottleneck)."""
+    use_v2: bool = False
+    """SwinUNETR-V2 encoder (Hatamizadeh et al., MICCAI 2023): MONAI's residual conv block (`layers{i}c`) before
+    each Swin stage. Recorded in encoder.pt; the fine-tuning's model.use_v2 must match it."""
 
 
 @dataclass
@@ -74,6 +77,17 @@ class LossConfig:
     """Gather embeddings from all workers so contrastive negatives grow with the cluster."""
     inpaint_holes_only: bool = False
     """L1 over the cut-out holes only (reference: the whole volume)."""
+    w_simmim: float = 0.0
+    """Weight of masked-patch modelling (SimMIM-style: a learned mask token replaces the patch embeddings of masked
+    patches, a decoder predicts their voxels; metric loss_simmim). Its own encoder pass on the unrotated, uncut crop;
+    0 skips it and its pass."""
+    w_xmodal: float = 0.0
+    """Weight of cross-modal reconstruction (one modality of the crop hidden, reconstructed from the other; metric
+    loss_xmodal, per direction xmodal/ct_from_pet and xmodal/pet_from_ct). Its own encoder pass; 0 skips it."""
+    simmim_loss: Literal["l1", "l2"] = "l1"
+    """Error on the masked voxels: 'l1' (SimMIM's) or 'l2' (squared, MAE's)."""
+    simmim_norm_target: bool = False
+    """Standardise the target per mask patch and channel (MAE's norm_pix_loss) instead of raw intensities."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Weights and options of pretext tasks registered from outside swinssl (a plugin, a test): `w_<task>` (default
     0: off) and `<task>_<option>`, e.g. `loss.extra.w_toy=1.0`. Keys no registered task reads are config errors."""
@@ -109,6 +123,15 @@ class PretextConfig:
     cutout_max_boxes: int = 100
     """Read by cutout=swinssl_v1 only: box draws per sample; ~100 boxes of 5-25 % sides are needed to reach a ~30 %
     drop. The reference variant draws boxes until each pass's share is covered."""
+    mask_ratio: float = 0.6
+    """Masked-patch modelling (loss.w_simmim): share of the mask patches of each crop that are masked, in (0, 1);
+    exactly ceil(mask_ratio x patches per crop) of them, as SimMIM counts."""
+    mask_patch: int = 16
+    """Side in voxels of a mask patch: an even number (a whole number of the encoder's 2-voxel patches) dividing
+    every data.roi side while loss.w_simmim > 0."""
+    xmodal_hide_ct: float = 0.5
+    """Cross-modal reconstruction (loss.w_xmodal): probability that a crop's CT is hidden (predicted from its PET);
+    otherwise its PET is hidden (predicted from CT). In [0, 1]."""
 
 
 @dataclass
@@ -258,6 +281,9 @@ class SegModelConfig:
     """Stochastic depth rate of the Swin blocks."""
     use_checkpoint: bool = False
     """Activation checkpointing in the Swin blocks: less memory, ~30% more compute."""
+    use_v2: bool = False
+    """SwinUNETR-V2 (MONAI `SwinUNETR(use_v2=True)`: a residual conv block before each Swin stage); must match a
+    pretrained encoder's (encoder.pt records it), a V1/V2 mismatch is refused before training."""
 
 
 @dataclass

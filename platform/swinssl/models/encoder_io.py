@@ -12,7 +12,7 @@ File layout written by :func:`save_encoder` (a plain dict, loadable with ``torch
             ...
         },
         "format": "swinssl.encoder/1", "feature_size": 48, "in_channels": 2, "depths": [...], "num_heads": [...],
-        "window_size": [...], "spatial_dims": 3, **extra,
+        "window_size": [...], "spatial_dims": 3, "use_v2": False, **extra,
     }
 
 Why both layouts at once, and why it is safe:
@@ -25,11 +25,29 @@ Why both layouts at once, and why it is safe:
   which name nothing in SwinUNETR (its encoder lives under ``swinViT.``) and are reported as unexpected, harmlessly.
 * The two layouts reference the *same* tensor objects; ``torch.save`` writes a shared storage once, so the file is
   not twice as large.
+
+SwinUNETR-V2 (``use_v2=True``: MONAI's residual conv block ``layers{i}c.0`` before each Swin stage, Hatamizadeh et
+al., MICCAI 2023) adds eight ``swinViT.layers{1..4}c.0.layer.conv{1,2}.conv.weight`` tensors; both layouts carry them
+(``module.layers1c.0...`` / ``swinViT.layers1c.0...``) and ``use_v2`` is recorded in the file. Which loading paths
+carry them:
+
+* :func:`load_encoder_into_swinunetr` (what ``swinssl finetune`` uses) and the BTCV ``load_state_dict`` path do:
+  every ``swinViT.*`` tensor, V2 blocks included, is loaded (ours then checks each one with :func:`check_loaded`).
+* ``SwinUNETR.load_from`` does **not**: it copies named layers only (patch embedding, the Swin blocks of
+  ``layers1..4`` and their downsampling) and never reads a ``layers{i}c`` key, so a ``SwinUNETR(use_v2=True)`` loaded
+  that way keeps randomly initialised V2 blocks, silently. Use our loader (or ``load_state_dict``) for V2 encoders.
+* Neither MONAI path checks the variant: ``load_from`` of a V2 file into a V1 net, or the BTCV path (which only
+  lists the ``layers{i}c`` keys as unexpected), loads Swin blocks that were trained behind conv blocks the net lacks.
+
+A V1 file in a V2 net (or the reverse) is refused by :func:`load_encoder_into_swinunetr` with
+:class:`EncoderVariantError`, naming both variants; the variant of a file is read from its keys (files written
+before ``use_v2`` was recorded are V1 unless they hold ``layers{i}c`` tensors).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -46,6 +64,8 @@ __all__ = [
     "swinvit_state_from_checkpoint",
     "load_encoder_into_swinunetr",
     "check_loaded",
+    "EncoderVariantError",
+    "is_v2_state",
 ]
 
 FORMAT = "swinssl.encoder/1"
@@ -54,8 +74,15 @@ _PREFIX = "swinViT."
 # fc1/fc2. The dots on both sides keep the rename from touching anything else.
 _TO_LOAD_FROM = ((".mlp.linear1.", ".mlp.fc1."), (".mlp.linear2.", ".mlp.fc2."))
 _RESERVED = frozenset(
-    {"state_dict", "format", "feature_size", "in_channels", "depths", "num_heads", "window_size", "spatial_dims"}
+    {"state_dict", "format", "feature_size", "in_channels", "depths", "num_heads", "window_size", "spatial_dims",
+     "use_v2"}
 )
+# The residual conv blocks SwinTransformer(use_v2=True) puts before each stage: swinViT.layers1c.0.layer.conv1...
+_V2_BLOCK = re.compile(r"^swinViT\.layers[1-4]c\.")
+
+
+class EncoderVariantError(ValueError):
+    """A SwinUNETR-V2 encoder offered to a V1 net, or the reverse: the weights cannot mean the same thing."""
 
 
 def _encoder(model: nn.Module) -> nn.Module:
@@ -91,8 +118,9 @@ def _from_load_from_key(key: str) -> str:
 def encoder_state_dict_for_monai(model: nn.Module) -> dict[str, Tensor]:
     """Encoder weights keyed as ``SwinUNETR.load_from`` reads them (``module.layers1.0.blocks.0.mlp.fc1.weight``...).
 
-    Every tensor of ``model.swinViT`` appears exactly once; that is exactly the set of keys ``load_from`` reads for a
-    4-stage, non-Hyena encoder (patch embedding, every block tensor incl. ``relative_position_index``, downsampling).
+    Every tensor of ``model.swinViT`` appears exactly once; for a V1, 4-stage, non-Hyena encoder that is exactly the
+    set of keys ``load_from`` reads (patch embedding, every block tensor incl. ``relative_position_index``,
+    downsampling). A V2 encoder's ``module.layers{i}c.*`` keys are written too, but ``load_from`` never reads them.
     """
     return {_to_load_from_key(k): v for k, v in _encoder_tensors(model).items()}
 
@@ -114,6 +142,7 @@ def _encoder_meta(model: nn.Module) -> dict[str, Any]:
         ],
         "window_size": [int(w) for w in enc.window_size],
         "spatial_dims": len(enc.patch_size),
+        "use_v2": bool(getattr(enc, "use_v2", False)),
     }
 
 
@@ -209,7 +238,33 @@ def swinvit_state_from_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Tensor]:
 
 
 def _net_summary(enc: nn.Module) -> str:
-    return f"feature_size={enc.embed_dim}, in_channels={enc.patch_embed.proj.in_channels}"
+    return (f"feature_size={enc.embed_dim}, in_channels={enc.patch_embed.proj.in_channels}, "
+            f"use_v2={bool(getattr(enc, 'use_v2', False))}")
+
+
+def is_v2_state(state: Iterable[str]) -> bool:
+    """Whether encoder keys (``swinViT.*``, as :func:`swinvit_state_from_checkpoint` returns) hold V2 conv blocks."""
+    return any(_V2_BLOCK.match(key) for key in state)
+
+
+def _variant(use_v2: bool) -> str:
+    return "SwinUNETR-V2 (use_v2=True)" if use_v2 else "SwinUNETR V1 (use_v2=False)"
+
+
+def _check_variant(ckpt: Any, src: Mapping[str, Tensor], enc: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Refuse a V1/V2 mismatch before any shape or key check, so the error says what is wrong, not which keys."""
+    saved = is_v2_state(src)
+    recorded = ckpt.get("use_v2") if isinstance(ckpt, Mapping) else None
+    if recorded is not None and bool(recorded) != saved:
+        raise EncoderVariantError(f"{path}: records use_v2={recorded} but its weights are {_variant(saved)}; the file "
+                                  f"is inconsistent, re-export it")
+    net = bool(getattr(enc, "use_v2", False))
+    if saved != net:
+        raise EncoderVariantError(
+            f"{path}: the checkpoint's encoder is {_variant(saved)} but the net is {_variant(net)}: the V2 residual "
+            f"conv blocks (layers1c..layers4c) would be {'dropped' if saved else 'left randomly initialised'}; "
+            f"build the net with use_v2={saved} (swinssl: model.use_v2={str(saved).lower()}) or use a "
+            f"{'V2' if net else 'V1'} encoder")
 
 
 def check_loaded(net: nn.Module, state: Mapping[str, Tensor], keys: Iterable[str] | None = None) -> None:
@@ -251,6 +306,8 @@ def load_encoder_into_swinunetr(net: nn.Module, path: str | os.PathLike[str], st
         The ``swinViT.*`` keys that were loaded, in the net's order.
 
     Raises:
+        EncoderVariantError: (a ValueError) when the checkpoint is SwinUNETR-V2 and the net V1, or the reverse (also
+            with ``strict_encoder=False``: a half-V2 encoder is never what was meant).
         ValueError: on any shape mismatch (e.g. feature_size 24 vs 48, in_channels 1 vs 2, another window size), on
             missing/unexpected encoder keys when ``strict_encoder``, or when nothing could be loaded.
     """
@@ -258,10 +315,12 @@ def load_encoder_into_swinunetr(net: nn.Module, path: str | os.PathLike[str], st
     src = swinvit_state_from_checkpoint(ckpt)
     enc = _encoder(net)
     target = {_PREFIX + k: v for k, v in enc.state_dict().items()}
+    _check_variant(ckpt, src, enc, path)
 
     saved = ""
     if isinstance(ckpt, Mapping) and "feature_size" in ckpt:
-        saved = f"checkpoint saved with feature_size={ckpt.get('feature_size')}, in_channels={ckpt.get('in_channels')}"
+        saved = (f"checkpoint saved with feature_size={ckpt.get('feature_size')}, in_channels={ckpt.get('in_channels')}"
+                 f", use_v2={is_v2_state(src)}")
     context = f"{path}: {saved or 'checkpoint'}; net has {_net_summary(enc)}"
 
     mismatched = [

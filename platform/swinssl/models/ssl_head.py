@@ -29,6 +29,8 @@ from monai.networks.nets.swin_unetr import PatchMerging, SwinTransformer
 from monai.utils import ensure_tuple_rep, optional_import
 from torch import Tensor, nn
 
+from .masked import masked_encoder_features
+
 __all__ = ["CLASSIC_HEADS", "PooledLinear", "SSLModel", "check_input_shape", "classic_heads", "ReconstructionDecoder"]
 
 #: The heads every SSLModel had before heads came from the pretext registry, in their build order.
@@ -162,6 +164,7 @@ class SSLModel(nn.Module):
         contrastive_dim: int = 512,
         spatial_dims: int = 3,
         heads: Callable[[int], Mapping[str, nn.Module]] | None = None,
+        use_v2: bool = False,
     ) -> None:
         """
         Args:
@@ -177,6 +180,8 @@ class SSLModel(nn.Module):
             heads: bottleneck width -> {name: head module}, built after the encoder (so a fixed seed gives the same
                 encoder init whatever the heads); None: :func:`classic_heads`. A head reads the bottleneck feature
                 map ``(B, width, d, h, w)``, or the pooled ``(B, width)`` when it has ``pooled_input = True``.
+            use_v2: SwinUNETR-V2 encoder (MONAI's residual conv block ``layers{i}c`` before each Swin stage); must
+                match the fine-tuning ``SwinUNETR(use_v2=...)``.
         """
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -195,7 +200,7 @@ class SSLModel(nn.Module):
         self.spatial_dims = spatial_dims
         self.bottleneck_dim = 16 * feature_size
         # Mirrors SwinUNETR.__init__'s SwinTransformer call argument by argument (its defaults: mlp_ratio 4,
-        # qkv_bias, no dropout, LayerNorm, no patch norm, PatchMerging, v1 blocks) so the keys and shapes match.
+        # qkv_bias, no dropout, LayerNorm, no patch norm, PatchMerging) so the keys and shapes match.
         self.swinViT = SwinTransformer(
             in_chans=in_channels,
             embed_dim=feature_size,
@@ -213,30 +218,45 @@ class SSLModel(nn.Module):
             use_checkpoint=use_checkpoint,
             spatial_dims=spatial_dims,
             downsample=PatchMerging,
-            use_v2=False,
+            use_v2=use_v2,
         )
         built = heads(self.bottleneck_dim) if heads else classic_heads(self.bottleneck_dim, in_channels,
                                                                       contrastive_dim, spatial_dims)
         self.heads = nn.ModuleDict(dict(built))
         self._register_load_state_dict_pre_hook(_legacy_head_keys)
 
-    def bottleneck(self, x: Tensor) -> Tensor:
-        """Last-stage feature map ``(B, 16F, D/32, H/32, W/32)``, layer-normalised as SwinUNETR consumes it."""
+    def bottleneck(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
+        """Last-stage feature map ``(B, 16F, D/32, H/32, W/32)``, layer-normalised as SwinUNETR consumes it; with a
+        patch-grid ``mask`` the masked patch embeddings are ``mask_token`` (see ``models.masked``)."""
         if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected input (B, {self.in_channels}, {', '.join('S' * self.spatial_dims)}), got {tuple(x.shape)}"
             )
         check_input_shape(tuple(x.shape[2:]), self.feature_size)
         # normalize=True is what SwinUNETR.forward passes; the heads should see the features the decoder will.
+        if mask is not None:
+            return masked_encoder_features(self.swinViT, x.contiguous(), mask, mask_token, normalize=True)[-1]
         return self.swinViT(x.contiguous(), normalize=True)[-1]
 
-    def forward(self, x: Tensor, heads: Iterable[str] | None = None) -> dict[str, Tensor]:
+    def mask_token(self, heads: Iterable[str]) -> Tensor:
+        """The ``mask_token`` of the one head among ``heads`` that has one (a masked-modelling head)."""
+        wanted = set(heads)
+        tokens = [h.mask_token for name, h in self.heads.items() if name in wanted and hasattr(h, "mask_token")]
+        if len(tokens) != 1:
+            raise ValueError(f"a mask needs exactly one requested head with a mask_token, got {len(tokens)} among "
+                             f"{sorted(wanted)}")
+        return tokens[0]
+
+    def forward(self, x: Tensor, heads: Iterable[str] | None = None, mask: Tensor | None = None) -> dict[str, Tensor]:
         """Run the encoder and the requested heads.
 
         Args:
             x: ``(B, C, D, H, W)`` with every spatial side a multiple of 32.
             heads: names among the built heads; ``None`` means all. Heads not listed are not computed. An empty set
                 returns ``{}`` without running the encoder.
+            mask: ``(B, D/2, H/2, W/2)`` bool on the patch-embedding grid: those patch embeddings become the
+                ``mask_token`` of the requested masked-modelling head (exactly one must be requested) before the Swin
+                stages. None: the plain encoder.
 
         Returns:
             {name: head output} for the requested heads, in build order (classic heads: ``rotation`` ``(B, 4)``
@@ -250,7 +270,7 @@ class SSLModel(nn.Module):
             raise ValueError(f"unknown head(s) {sorted(unknown)}; this model has {list(self.heads)}")
         if not wanted:
             return {}
-        feats = self.bottleneck(x)
+        feats = self.bottleneck(x, mask, self.mask_token(wanted) if mask is not None else None)
         pooled = None
         out: dict[str, Tensor] = {}
         for name, head in self.heads.items():

@@ -5,6 +5,11 @@ contrastive; else one), each rotated by its own random quarter turns and cut out
 the heads of the active tasks; then L = sum over active tasks t of w_t * loss_t(head_t output, views). The model has
 no head for a task whose weight is 0, so it costs nothing.
 
+A task with its own view (`PretextTask.own_view`: masked-patch modelling, cross-modal reconstruction) gets one more
+encoder pass per step on its view of the same crops, after the shared pass (its draws come from the same step
+generator, after the shared views', in registry order). When no active task reads the shared views, they are not
+made and the shared pass does not run; a task with weight 0 has no view and no pass.
+
 The views are stacked [view 1 of crops 0..B-1; view 2 ...] and `cutout` is told so (`copies`): a hole is never filled
 from the other view of the same crop, which would let the contrastive task match the two views by shared content
 (with data.batch_size=1 that was every cross-sample hole).
@@ -51,6 +56,8 @@ class PretrainTask(Task):
         self.tasks = list(tasks)
         self.weights = {t.name: registry.weight(cfg, t) for t in self.tasks}
         self.copies = 2 if any(t.pair for t in self.tasks) else 1
+        self.shared = [t for t in self.tasks if t.own_view is None]
+        self.own = [t for t in self.tasks if t.own_view is not None]
 
     @property
     def heads(self) -> list[str]:
@@ -60,7 +67,7 @@ class PretrainTask(Task):
     def build_model(self) -> nn.Module:
         m = self.cfg.model
         return SSLModel(in_channels=m.in_channels, feature_size=m.feature_size, drop_path_rate=m.drop_path_rate,
-                        use_checkpoint=m.use_checkpoint,
+                        use_checkpoint=m.use_checkpoint, use_v2=m.use_v2,
                         heads=lambda width: {t.name: t.head(self.cfg, width) for t in self.tasks})
 
     def _views(self, x: Tensor, generator: torch.Generator) -> Views:
@@ -72,8 +79,22 @@ class PretrainTask(Task):
         return Views(cut=cut, target=rotated, rotation=k, holes=holes, copies=self.copies)
 
     def losses(self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-        views = self._views(batch["image"], generator)
-        out = model(views.cut)
-        parts = {t.name: t.loss(out[t.name], views, self.cfg) for t in self.tasks}
-        total = sum(self.weights[name] * value for name, value in parts.items())
-        return {"loss": total, **{f"loss_{name}": value.detach() for name, value in parts.items()}}
+        x = batch["image"]
+        scored: list[tuple[PretextTask, Tensor, object]] = []
+        if self.shared:
+            views = self._views(x, generator)
+            out = model(views.cut, heads=[t.name for t in self.shared])
+            scored += [(t, out[t.name], views) for t in self.shared]
+        for t in self.own:
+            view = t.own_view(x, generator, self.cfg)
+            masked = {"mask": view.patch_mask} if view.patch_mask is not None else {}
+            scored.append((t, model(view.input, heads=[t.name], **masked)[t.name], view))
+        parts, diagnostics = {}, {}
+        for t, out, view in scored:
+            value = t.loss(out, view, self.cfg)
+            if isinstance(value, tuple):  # (loss, {diagnostic: value}): logged as <task>/<diagnostic>
+                value, extra = value
+                diagnostics.update({f"{t.name}/{key}": v.detach() for key, v in extra.items()})
+            parts[t.name] = value
+        total = sum(self.weights[t.name] * parts[t.name] for t in self.tasks)
+        return {"loss": total, **{f"loss_{name}": parts[name].detach() for name in self.heads}, **diagnostics}

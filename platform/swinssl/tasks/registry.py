@@ -5,6 +5,10 @@ A `PretextTask` named `<name>` is, everywhere in swinssl:
 * its head: a module `heads.<name>` of `SSLModel`, built only while the task is active, reading the encoder's
   bottleneck feature map; its output is `model(x)["<name>"]`;
 * its loss: a pure tensor function in its own file under `swinssl/losses/`, adapted to `(head output, views, cfg)`;
+  an adapter may return `(loss, {key: value})`: the values are diagnostics logged as `<name>/<key>` (not summed);
+* its input: the shared `Views` (one encoder pass for every such task), or, with `own_view`, a view of its own made
+  from the crops and its own encoder pass (`model(view.input, heads=[name], mask=view.patch_mask)`), made and run
+  only while the task is active;
 * its weight: `loss.w_<name>` (a `LossConfig` field for the built-in tasks) or `loss.extra.w_<name>` for a task
   registered from outside the package; a weight of 0 (the default for an extra task) skips the head and its compute;
 * its metric: `loss_<name>` (MLflow, Ray Train results, sweep trial results as `pretrain/loss_<name>`);
@@ -13,7 +17,10 @@ A `PretextTask` named `<name>` is, everywhere in swinssl:
 Built-in: `rotation` (4-way quarter-turn classification), `contrastive` (SimCLR NT-Xent between two views; the only
 task that needs the second view), `inpainting` (L1 reconstruction of the uncut crop), after Tang et al., "Self-
 Supervised Pre-Training of Swin Transformers for 3D Medical Image Analysis", CVPR 2022 (github.com/Project-MONAI/
-research-contributions, SwinUNETR/Pretrain).
+research-contributions, SwinUNETR/Pretrain). With their own view and encoder pass (weights 0 by default): `simmim`
+(masked-patch modelling: Xie et al., "SimMIM", CVPR 2022; masked image modelling as 3D segmentation pretraining:
+Wald et al., "Revisiting MAE pre-training for 3D medical image segmentation", CVPR 2025) and `xmodal` (PET/CT cross-
+modal reconstruction: one modality hidden, reconstructed from the other), views in `tasks.pretext_views`.
 
 Adding a built-in task: its loss file under `losses/`, one `register(PretextTask(..., builtin=True))` at the end of
 this module, its `LossConfig` field `w_<name>` (and option fields), tests. Adding a task from a plugin or a test
@@ -37,12 +44,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..config import PretrainConfig, register_rules
 from ..losses.contrastive import contrastive_loss
+from ..losses.cross_modal import cross_modal_loss
 from ..losses.inpainting import inpainting_loss
+from ..losses.masked import masked_loss
 from ..losses.rotation import rotation_loss
+from .pretext_views import CT, PET, hidden_modality_view, masked_view
 
 
 @dataclass(frozen=True)
@@ -64,8 +75,12 @@ class Views:
 HeadFactory = Callable[[Any, int], nn.Module]
 """(PretrainConfig, bottleneck width 16*feature_size) -> head module mapping the bottleneck (B, width, d, h, w) to
 its output; a module with `pooled_input = True` gets the globally average-pooled (B, width) instead."""
-LossFn = Callable[[Tensor, Views, Any], Tensor]
-"""(head output, views, PretrainConfig) -> scalar loss."""
+LossFn = Callable[[Tensor, Any, Any], "Tensor | tuple[Tensor, Mapping[str, Tensor]]"]
+"""(head output, views, PretrainConfig) -> scalar loss, or (scalar loss, {diagnostic: value}). The views are the shared
+`Views`, or the task's own view when it has `own_view`."""
+OwnViewFn = Callable[[Tensor, torch.Generator, Any], Any]
+"""(crops (B, C, D, H, W), step generator, PretrainConfig) -> a view with `.input` (the network input) and
+`.patch_mask` (None, or the patch-grid mask the head's mask token fills; see `tasks.pretext_views.OwnView`)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,14 @@ class PretextTask:
     """Task-specific config rules, checked only while the task is active: cfg -> ["key: problem", ...]."""
     builtin: bool = False
     """Weight and options are LossConfig fields (`loss.w_<name>`) instead of `loss.extra` entries."""
+    own_view: OwnViewFn | None = None
+    """The task's own input view and encoder pass instead of the shared `Views` (see the module docstring): made
+    from the step's generator after the shared views, in registry order, and only while the task is active."""
+
+    def __post_init__(self) -> None:
+        if self.own_view is not None and self.pair:
+            raise ValueError(f"pretext task {self.name!r}: pair=True compares the shared views; a task with its own "
+                             "view cannot ask for the pair")
 
     @property
     def weight_key(self) -> str:
@@ -189,7 +212,7 @@ def pack(tasks: Sequence[PretextTask]) -> bytes:
     """Cloudpickle entries for the Ray Train workers; plugin modules (outside swinssl) are pickled by value."""
     import cloudpickle
 
-    modules = {getattr(f, "__module__", None) for t in tasks for f in (t.head, t.loss, t.problems) if f}
+    modules = {getattr(f, "__module__", None) for t in tasks for f in (t.head, t.loss, t.problems, t.own_view) if f}
     plugins = [sys.modules[m] for m in modules if m and m in sys.modules and m.split(".")[0] not in ("swinssl",
                                                                                                       "__main__")]
     for module in plugins:
@@ -244,6 +267,61 @@ def _inpainting(out: Tensor, views: Views, cfg: Any) -> Tensor:
     return inpainting_loss(out, views.target, views.holes, holes_only=cfg.loss.inpaint_holes_only)
 
 
+def _simmim_head(cfg: Any, width: int) -> nn.Module:
+    from ..models.masked import MaskedModellingHead
+    from ..models.ssl_head import ReconstructionDecoder
+
+    return MaskedModellingHead(cfg.model.feature_size, ReconstructionDecoder(width, cfg.model.in_channels))
+
+
+def _simmim_view(x: Tensor, generator: torch.Generator, cfg: Any) -> Any:
+    return masked_view(x, generator, cfg.pretext.mask_ratio, cfg.pretext.mask_patch)
+
+
+def _simmim(out: Tensor, view: Any, cfg: Any) -> Tensor:
+    norm = cfg.pretext.mask_patch if cfg.loss.simmim_norm_target else 0
+    return masked_loss(out, view.target, view.voxel_mask, kind=cfg.loss.simmim_loss, norm_patch=norm)
+
+
+def _xmodal_view(x: Tensor, generator: torch.Generator, cfg: Any) -> Any:
+    return hidden_modality_view(x, generator, cfg.pretext.xmodal_hide_ct)
+
+
+def _xmodal(out: Tensor, view: Any, cfg: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    per_view = cross_modal_loss(out, view.target, view.hidden)
+    return per_view.mean(), xmodal_directions(per_view, view.hidden, cfg.pretext.xmodal_hide_ct)
+
+
+def xmodal_directions(per_view: Tensor, hidden: Tensor, hide_ct: float) -> dict[str, Tensor]:
+    """Per-direction L1 (`ct_from_pet`, `pet_from_ct`) as sum over that direction's views / (its probability x
+    views): an unbiased estimate of the direction's mean L1 even in a step that drew none of its views (the loop
+    averages every metric over its log interval, so a mean over the drawn views alone would be biased towards 0 by
+    the steps without any). Per step, p x ct_from_pet + (1 - p) x pet_from_ct is exactly loss_xmodal. A direction
+    that is never drawn (probability 0) is not logged."""
+    out = {}
+    for key, channel, prob in (("ct_from_pet", CT, hide_ct), ("pet_from_ct", PET, 1.0 - hide_ct)):
+        if prob > 0:
+            drawn = torch.where(hidden.to(per_view.device) == channel, per_view, torch.zeros_like(per_view))
+            out[key] = drawn.sum() / (prob * per_view.numel())
+    return out
+
+
+def _simmim_problems(cfg: Any) -> list[str]:
+    side = cfg.pretext.mask_patch
+    if side < 2 or side % 2:
+        return []  # config.validate reports a malformed mask_patch
+    bad = [s for s in cfg.data.roi if s % side]
+    return [f"pretext.mask_patch: {side}-voxel mask patches must tile the crop, data.roi {list(cfg.data.roi)} has "
+            f"sides {bad} that are not multiples of it (change one of them or set loss.w_simmim=0)"] if bad else []
+
+
+def _xmodal_problems(cfg: Any) -> list[str]:
+    if cfg.model.in_channels == 2:
+        return []
+    return [f"model.in_channels: cross-modal reconstruction hides CT or PET of a 2-channel (CT, PET) crop, got "
+            f"{cfg.model.in_channels} channels (set loss.w_xmodal=0)"]
+
+
 def _rotation_problems(cfg: Any) -> list[str]:
     dims, roi = list(cfg.pretext.rotation_dims), list(cfg.data.roi)
     if len(dims) != 2 or len({d % 3 for d in dims}) != 2 or any(not -3 <= d < 3 for d in dims):
@@ -260,6 +338,10 @@ register(PretextTask("rotation", _pooled_head(lambda cfg: 4), _rotation, short="
 register(PretextTask("contrastive", _pooled_head(lambda cfg: cfg.model.contrastive_dim), _contrastive, pair=True,
                      short="w_con", builtin=True))
 register(PretextTask("inpainting", _inpainting_head, _inpainting, short="w_inp", builtin=True))
+register(PretextTask("simmim", _simmim_head, _simmim, short="w_mim", builtin=True, problems=_simmim_problems,
+                     own_view=_simmim_view))
+register(PretextTask("xmodal", _inpainting_head, _xmodal, short="w_xmod", builtin=True, problems=_xmodal_problems,
+                     own_view=_xmodal_view))
 
 # config.validate runs these with its own rules; config itself never imports this layer (it sits below it)
 register_rules(PretrainConfig, lambda cfg, prefix: [prefix + problem for problem in pretext_problems(cfg)])

@@ -1,8 +1,9 @@
 """Segmentation fine-tuning task: MONAI SwinUNETR (2 -> 12 classes), DiceCE, flips + intensity augmentation.
 
 The encoder comes from a pretrained `encoder.pt` (every `swinViT.*` weight must load: `load_encoder_into_swinunetr`
-raises otherwise) or is trained from scratch. `freeze_encoder_steps` keeps it fixed (lr 0, so no weight decay
-either) while the randomly initialised decoder adapts; DDP is untouched because gradients still flow.
+raises otherwise; a V1/V2 mismatch with `model.use_v2` is a ConfigError) or is trained from scratch.
+`freeze_encoder_steps` keeps it fixed (lr 0, so no weight decay either) while the randomly initialised decoder
+adapts; DDP is untouched because gradients still flow.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from monai.losses import DiceLoss
 from monai.networks.nets import SwinUNETR
 from torch import Tensor, nn
 
-from ..config import FinetuneConfig
+from ..config import ConfigError, FinetuneConfig
 from ..models.ssl_head import check_input_shape
 from .base import Task
 from .seg_augment import random_flip, random_intensity
@@ -33,11 +34,16 @@ class SegmentationTask(Task):
     def build_model(self) -> nn.Module:
         m = self.cfg.model
         net = SwinUNETR(in_channels=m.in_channels, out_channels=m.out_channels, feature_size=m.feature_size,
-                        drop_rate=0.0, dropout_path_rate=m.drop_path_rate, use_checkpoint=m.use_checkpoint)
+                        drop_rate=0.0, dropout_path_rate=m.drop_path_rate, use_checkpoint=m.use_checkpoint,
+                        use_v2=m.use_v2)
         if self.encoder_path:
-            from ..models.encoder_io import load_encoder_into_swinunetr
+            from ..models.encoder_io import EncoderVariantError, load_encoder_into_swinunetr
 
-            load_encoder_into_swinunetr(net, self.encoder_path)
+            try:
+                load_encoder_into_swinunetr(net, self.encoder_path)
+            except EncoderVariantError as exc:  # a config problem: the key to change is model.use_v2
+                raise ConfigError(f"model.use_v2: {m.use_v2} does not match encoder={self.encoder_path} ({exc})"
+                                  ) from None
         return net
 
     def param_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:

@@ -158,11 +158,35 @@ def data_problems(cfg: FinetuneConfig) -> tuple[list[str], list[StudyRef], Label
     return problems, studies, labels
 
 
+def model_signature(cfg: FinetuneConfig) -> dict:
+    """What a fold's checkpoint records of its model (meta.json) and must match to be resumed or reused."""
+    return {"feature_size": cfg.model.feature_size, "use_v2": cfg.model.use_v2}
+
+
+def resume_problems(cfg: FinetuneConfig, output_dir: Path, indices) -> list[str]:
+    """One problem per fold to run whose checkpoint holds another model (finished folds too: their metrics would mix
+    with the new model's); checkpoints written before `use_v2` was recorded hold a V1 SwinUNETR."""
+    wanted, problems = model_signature(cfg), []
+    for k in indices:
+        latest = latest_checkpoint_dir(output_dir / "ray" / f"fold_{k}")
+        if latest is None:
+            continue
+        meta = load_meta(latest)
+        saved = {"feature_size": meta.get("feature_size", wanted["feature_size"]), "use_v2": meta.get("use_v2", False)}
+        problems += [f"model.{key}: {wanted[key]} but fold {k}'s checkpoint {latest} was trained with {key}="
+                     f"{saved[key]}; use another output_dir to start over, or model.{key}={saved[key]} to resume"
+                     for key in wanted if saved[key] != wanted[key]]
+    return problems
+
+
 def _validate(cfg: FinetuneConfig) -> tuple[list[StudyRef], Path, LabelSet]:
     """One ConfigError listing every config and data problem; resolves `model.out_channels` (0 -> the label set's)."""
     problems, studies, labels = data_problems(cfg)
     if not cfg.output_dir:
         problems.insert(0, "output_dir: required")
+    else:  # before config.yaml is overwritten
+        indices = range(cfg.cv.folds) if cfg.cv.fold == -1 else [cfg.cv.fold]
+        problems += resume_problems(cfg, Path(cfg.output_dir).resolve(), indices)
     if labels is not None and cfg.model.out_channels == 0:
         cfg.model.out_channels = labels.num_classes
     validate(cfg, problems)
@@ -208,7 +232,7 @@ def _train_fold(cfg, k, train_refs, output_dir, encoder_path, tracking, labels: 
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"kind": "finetune", "cfg": asdict(cfg), "encoder_path": encoder_path,
-                           "tracking": tracking, "meta": {"fold": k, "feature_size": cfg.model.feature_size},
+                           "tracking": tracking, "meta": {"fold": k, **model_signature(cfg)},
                            "chaos": chaos_config(cfg, output_dir)},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(name=f"fold_{k}", storage_path=str(output_dir / "ray"),

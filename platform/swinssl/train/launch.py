@@ -33,10 +33,12 @@ class PretrainResult:
 
 
 def model_signature(cfg: PretrainConfig) -> dict:
-    """What a checkpoint must match to be resumed: the encoder's shape and the active heads, in build order (the
-    model holds a head only for an active pretext task, so another head set cannot load its weights)."""
+    """What a checkpoint must match to be resumed: the encoder's shape and variant (V1/V2) and the active heads, in
+    build order (the model holds a head only for an active pretext task, so another head set cannot load its
+    weights)."""
     return {"feature_size": cfg.model.feature_size, "in_channels": cfg.model.in_channels,
-            "contrastive_dim": cfg.model.contrastive_dim, "heads": [t.name for t in registry.active(cfg)]}
+            "use_v2": cfg.model.use_v2, "contrastive_dim": cfg.model.contrastive_dim,
+            "heads": [t.name for t in registry.active(cfg)]}
 
 
 def check_resumable(cfg: PretrainConfig, output_dir: Path) -> Path | None:
@@ -44,7 +46,8 @@ def check_resumable(cfg: PretrainConfig, output_dir: Path) -> Path | None:
 
     A checkpoint written before the head set was recorded has no "heads": such a model always held the three classic
     heads (whatever their weights), and it loads into a model with exactly those heads (their keys are renamed on
-    load, in the same order, so the optimizer state lines up too); any other head set is refused.
+    load, in the same order, so the optimizer state lines up too); any other head set is refused. One written before
+    `use_v2` was recorded holds a V1 encoder.
     """
     latest = latest_checkpoint_dir(output_dir / "ray" / cfg.name)
     if latest is None:
@@ -53,6 +56,8 @@ def check_resumable(cfg: PretrainConfig, output_dir: Path) -> Path | None:
     saved = {k: meta.get(k) for k in wanted}
     if saved["heads"] is None:
         saved["heads"] = list(CLASSIC_HEADS)
+    if saved["use_v2"] is None:
+        saved["use_v2"] = False
     if saved != wanted:
         differ = ", ".join(f"{k}: checkpoint {saved[k]} vs config {wanted[k]}" for k in wanted if saved[k] != wanted[k])
         raise ConfigError(f"{latest} was trained with another model ({differ}); its weights cannot be resumed with "
