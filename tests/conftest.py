@@ -67,3 +67,21 @@ def prepared(cohort, tmp_path_factory, ray_session):
 
     out = tmp_path_factory.mktemp("prepared")
     return out, prepare_cohort(cohort, out, workers=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory) -> Path:
+    """2 unlabelled + 2 labelled small studies, prepared in this process (no Ray, no registration, no QC PNGs):
+    for CLI and loading checks that need a prepared folder but not the session's Ray-prepared cohort."""
+    from dataclasses import replace
+
+    from petct.config import PrepareConfig
+    from petct.pipeline import prepare_cohort
+    from petct.synth import synth_cohort
+
+    base = tmp_path_factory.mktemp("tiny")
+    csv = synth_cohort(base / "cohort", unlabeled=2, labeled=2, seed=3, scale="small")
+    cfg = PrepareConfig(qc_png=False)
+    cfg = replace(cfg, registration=replace(cfg.registration, enabled=False))
+    assert prepare_cohort(csv, base / "prepared", cfg, workers=0, progress=False).exit_code == 0
+    return base / "prepared"

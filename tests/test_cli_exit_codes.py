@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,21 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 PRETRAIN, FINETUNE, SWEEP = (str(EXPERIMENTS / f"{n}_tiny.yaml") for n in ("pretrain", "finetune", "dataset_size"))
 SWINSSL = Path(sys.executable).with_name("swinssl")
-
-
-@pytest.fixture(scope="module")
-def tiny_prepared(tmp_path_factory) -> Path:
-    """2 unlabelled + 2 labelled small studies, prepared in this process (no Ray, no registration, no QC PNGs)."""
-    from petct.config import PrepareConfig
-    from petct.pipeline import prepare_cohort
-    from petct.synth import synth_cohort
-
-    base = tmp_path_factory.mktemp("cli")
-    csv = synth_cohort(base / "cohort", unlabeled=2, labeled=2, seed=3, scale="small")
-    cfg = PrepareConfig(qc_png=False)
-    cfg = replace(cfg, registration=replace(cfg.registration, enabled=False))
-    assert prepare_cohort(csv, base / "prepared", cfg, workers=0, progress=False).exit_code == 0
-    return base / "prepared"
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:

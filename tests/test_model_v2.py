@@ -195,21 +195,6 @@ def test_finetune_resume_refuses_the_other_variant(tmp_path: Path) -> None:
     assert resume_problems(replace(cfg, model=replace(cfg.model, use_v2=True)), tmp_path, range(2)) == []
 
 
-@pytest.fixture(scope="module")
-def tiny_prepared(tmp_path_factory) -> Path:
-    """2 unlabelled + 2 labelled small studies, prepared in this process (no Ray, no registration, no QC PNGs)."""
-    from petct.config import PrepareConfig
-    from petct.pipeline import prepare_cohort
-    from petct.synth import synth_cohort
-
-    base = tmp_path_factory.mktemp("v2cli")
-    csv = synth_cohort(base / "cohort", unlabeled=2, labeled=2, seed=3, scale="small")
-    cfg = PrepareConfig(qc_png=False)
-    cfg = replace(cfg, registration=replace(cfg.registration, enabled=False))
-    assert prepare_cohort(csv, base / "prepared", cfg, workers=0, progress=False).exit_code == 0
-    return base / "prepared"
-
-
 @pytest.mark.parametrize(("file", "flag"), [("v2", "false"), ("v1", "true")])
 def test_cli_exits_2_on_a_variant_mismatch(tiny_prepared: Path, files: dict[str, Path], tmp_path: Path, capsys,
                                            file: str, flag: str) -> None:

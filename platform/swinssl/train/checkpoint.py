@@ -33,6 +33,14 @@ def load_meta(directory: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def signature_differences(meta: dict[str, Any], wanted: dict[str, Any],
+                          legacy: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved, wanted)} where a checkpoint's recorded model signature differs from `wanted`; a key the
+    checkpoint does not record (written before it was) takes its `legacy` value (absent there: None)."""
+    saved = {k: legacy.get(k) if meta.get(k) is None else meta[k] for k in wanted}
+    return {k: (saved[k], wanted[k]) for k in wanted if saved[k] != wanted[k]}
+
+
 def latest_checkpoint_dir(run_dir: str | Path) -> Path | None:
     """Newest `checkpoint_*` folder under a Ray Train run folder (by the step recorded in its meta)."""
     candidates = [p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).exists()]

@@ -37,7 +37,7 @@ from ..eval.families import FAMILIES, RESERVED_KEY, active
 from ..eval.folds import fold_train_val, kfold_split
 from ..eval.summary import cv_summary, flat_metrics, fold_metrics, jsonable
 from ..tasks.segment import SegmentationTask
-from .checkpoint import latest_checkpoint_dir, load_meta, load_state
+from .checkpoint import latest_checkpoint_dir, load_meta, load_state, signature_differences
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -171,11 +171,10 @@ def resume_problems(cfg: FinetuneConfig, output_dir: Path, indices) -> list[str]
         latest = latest_checkpoint_dir(output_dir / "ray" / f"fold_{k}")
         if latest is None:
             continue
-        meta = load_meta(latest)
-        saved = {"feature_size": meta.get("feature_size", wanted["feature_size"]), "use_v2": meta.get("use_v2", False)}
-        problems += [f"model.{key}: {wanted[key]} but fold {k}'s checkpoint {latest} was trained with {key}="
-                     f"{saved[key]}; use another output_dir to start over, or model.{key}={saved[key]} to resume"
-                     for key in wanted if saved[key] != wanted[key]]
+        differences = signature_differences(load_meta(latest), wanted, {**wanted, "use_v2": False})
+        problems += [f"model.{key}: {want} but fold {k}'s checkpoint {latest} was trained with {key}={saved}; use "
+                     f"another output_dir to start over, or model.{key}={saved} to resume"
+                     for key, (saved, want) in differences.items()]
     return problems
 
 

@@ -18,7 +18,7 @@ from ..data.studies import DataError, check_roi_fits, select_studies
 from ..models.ssl_head import CLASSIC_HEADS
 from ..tasks import registry
 from ..tasks.pretrain import PretrainTask
-from .checkpoint import latest_checkpoint_dir, load_meta, load_state
+from .checkpoint import latest_checkpoint_dir, load_meta, load_state, signature_differences
 
 
 @dataclass
@@ -53,13 +53,9 @@ def check_resumable(cfg: PretrainConfig, output_dir: Path) -> Path | None:
     if latest is None:
         return None
     meta, wanted = load_meta(latest), model_signature(cfg)
-    saved = {k: meta.get(k) for k in wanted}
-    if saved["heads"] is None:
-        saved["heads"] = list(CLASSIC_HEADS)
-    if saved["use_v2"] is None:
-        saved["use_v2"] = False
-    if saved != wanted:
-        differ = ", ".join(f"{k}: checkpoint {saved[k]} vs config {wanted[k]}" for k in wanted if saved[k] != wanted[k])
+    differences = signature_differences(meta, wanted, {"heads": list(CLASSIC_HEADS), "use_v2": False})
+    if differences:
+        differ = ", ".join(f"{k}: checkpoint {saved} vs config {want}" for k, (saved, want) in differences.items())
         raise ConfigError(f"{latest} was trained with another model ({differ}); its weights cannot be resumed with "
                           f"this config: use another output_dir (or name) to start a new run, or the checkpoint's "
                           f"settings to resume it")
