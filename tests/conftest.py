@@ -85,3 +85,15 @@ def tiny_prepared(tmp_path_factory) -> Path:
     cfg = replace(cfg, registration=replace(cfg.registration, enabled=False))
     assert prepare_cohort(csv, base / "prepared", cfg, workers=0, progress=False).exit_code == 0
     return base / "prepared"
+
+
+@pytest.fixture
+def deterministic():
+    """The gradient of the Swin blocks' relative-position bias table (an indexed read) is accumulated by several CPU
+    threads in a varying order: without this, two identical runs differ in the last bits, resumed or not."""
+    import torch
+
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was)

@@ -23,7 +23,7 @@ from swinssl.tune.trial import stage_configs
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SCHEMAS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "dataset_size": SweepConfig,
-           "loss_weights": SweepConfig, "label_efficiency": SweepConfig}
+           "loss_weights": SweepConfig, "label_efficiency": SweepConfig, "pretext_menu": SweepConfig}
 
 
 def _schema(path: Path):

@@ -1,11 +1,11 @@
 """Masked-patch modelling (`simmim`) and PET/CT cross-modal reconstruction (`xmodal`): the pretext tasks with their
 own input view and encoder pass (issue 13). Losses against hand-computed values, the mask and hiding targets, the
-masked encoder pass against MONAI's, no extra pass at weight 0, a resumed CPU run of both, and their encoder.pt."""
+masked encoder pass against MONAI's, no extra pass at weight 0 (voco's too), a resumed CPU run of each and of both,
+their encoder.pt, and a 2-worker run of every new task together killed and resumed."""
 
 from __future__ import annotations
 
 import math
-import shutil
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
+from pretext_helpers import Keep, train_steps
 from swinssl.config import ConfigError, PretrainConfig, load_config
 from swinssl.losses.cross_modal import cross_modal_loss
 from swinssl.losses.masked import masked_loss, normalize_patches
@@ -21,11 +22,11 @@ from swinssl.models.masked import masked_encoder_features
 from swinssl.tasks.pretext_views import CT, PET, hidden_modality_view, masked_view
 from swinssl.tasks.pretrain import PretrainTask
 from swinssl.tasks.registry import xmodal_directions
-from swinssl.train import loop
 from swinssl.train.launch import export_encoder
 
 CPU = torch.device("cpu")
 CLASSIC_OFF = ["loss.w_rotation=0", "loss.w_contrastive=0", "loss.w_inpainting=0"]
+VOCO = ["data.roi=[32,64,64]", "pretext.voco_grid=[1,2,2]", "model.voco_dim=16"]  # base crops of 32^3
 TINY = ["model.feature_size=12", "data.roi=[32,32,32]", "data.batch_size=1", "pretext.cutout_max_boxes=8",
         "optim.warmup_steps=2", "trainer.amp=none", "trainer.log_every=1"]
 
@@ -177,6 +178,9 @@ def test_masked_pass_is_monais_forward_plus_mask_tokens(use_v2):
     ([], ["rotation", "contrastive", "inpainting"], 1),
     (["loss.w_simmim=1", "loss.w_xmodal=0.5"], ["rotation", "contrastive", "inpainting", "simmim", "xmodal"], 3),
     ([*CLASSIC_OFF, "loss.w_simmim=1"], ["simmim"], 1),  # no task reads the shared views: they are not made
+    (["loss.w_simmim=1", "loss.w_xmodal=0.5", "loss.w_voco=0.5", *VOCO], [
+        "rotation", "contrastive", "inpainting", "simmim", "xmodal", "voco"], 4),
+    ([*CLASSIC_OFF, "loss.w_voco=1", *VOCO], ["voco"], 1),
 ])
 def test_encoder_passes_per_step(weights, heads, passes):
     task = PretrainTask(cfg_of(*weights))
@@ -184,7 +188,7 @@ def test_encoder_passes_per_step(weights, heads, passes):
     model = task.build_model()
     seen = _encoder_inputs(model)
     with torch.no_grad():
-        losses = task.losses(model, {"image": torch.rand(2, 2, 32, 32, 32)}, gen(0))
+        losses = task.losses(model, {"image": torch.rand(2, 2, *task.cfg.data.roi)}, gen(0))
     assert task.heads == heads and list(model.heads) == heads and len(seen) == passes
     assert {k for k in losses if k.startswith("loss_")} == {f"loss_{h}" for h in heads}
     expected = sum(task.weights[h] * losses[f"loss_{h}"] for h in heads)
@@ -210,56 +214,25 @@ def test_new_options_validated_all_at_once():
 # ------------------------------------------------------------------- training, resume and the exported encoder
 
 
-class Keep(loop.Hooks):
-    """Keeps every report and a copy of every checkpoint (the loop deletes its temporary folder after `report`)."""
-
-    def __init__(self, folder=None):
-        self.reports, self.folder = [], folder
-
-    def report(self, metrics, checkpoint_dir):
-        self.reports.append(metrics)
-        if checkpoint_dir and self.folder:
-            shutil.copytree(checkpoint_dir, self.folder / f"step{metrics['step']}")
-
-
-def _train(task: PretrainTask, steps: int, hooks: Keep, resume=None) -> nn.Module:
-    torch.manual_seed(0)
-    model = task.build_model()
-    trainer = task.cfg.trainer
-    trainer.steps, trainer.checkpoint_every = steps, 1
-    # one batch per epoch: a resumed run restarts its epoch (as a Ray Data shard does), so it sees the same batch
-    batches = [{"image": torch.rand(1, 2, 32, 32, 32, generator=gen(7))}]
-    loop.run(task, model, model, lambda epoch: iter(batches), trainer, task.cfg.optim, CPU, 0, 1, hooks,
-             resume_dir=str(resume) if resume else None)
-    return model
-
-
-@pytest.fixture
-def deterministic():
-    """The gradient of the Swin blocks' relative-position bias table (an indexed read) is accumulated by several CPU
-    threads in a varying order: without this, two identical runs differ in the last bits, resumed or not."""
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(was)
-
-
-def test_both_tasks_train_resume_bit_identically_and_export_a_plain_encoder(tmp_path, deterministic):
-    """simmim + xmodal alone (2 passes a step): 2 steps straight vs a resume from its step-1 checkpoint; encoder.pt
-    holds no mask token and loads into MONAI SwinUNETR with every encoder tensor checked."""
-    cfg = cfg_of(*CLASSIC_OFF, "loss.w_simmim=1", "loss.w_xmodal=1", "loss.simmim_norm_target=true")
+@pytest.mark.parametrize("tasks", [["loss.w_simmim=1", "loss.simmim_norm_target=true"], ["loss.w_xmodal=1"],
+                                   ["loss.w_simmim=1", "loss.w_xmodal=1"]], ids=["simmim", "xmodal", "both"])
+def test_new_tasks_train_resume_bit_identically_and_export_a_plain_encoder(tasks, tmp_path, deterministic):
+    """Each new task alone and both (one pass a task a step): 2 steps straight vs a resume from its step-1
+    checkpoint; encoder.pt holds no mask token and loads into MONAI SwinUNETR with every encoder tensor checked.
+    (voco: tests/test_voco.py.)"""
+    cfg = cfg_of(*CLASSIC_OFF, *tasks)
     straight_hooks = Keep(tmp_path)
-    straight = _train(PretrainTask(cfg), 2, straight_hooks)  # its step-1 checkpoint is what a killed run leaves
+    straight = train_steps(PretrainTask(cfg), 2, straight_hooks)  # its step-1 checkpoint is what a killed run leaves
     resumed_hooks = Keep()
-    resumed = _train(PretrainTask(cfg), 2, resumed_hooks, resume=tmp_path / "step1")
+    resumed = train_steps(PretrainTask(cfg), 2, resumed_hooks, resume=tmp_path / "step1")
     first, last = straight_hooks.reports
-    assert {"loss_simmim", "loss_xmodal"} <= set(first) and all(math.isfinite(first[k]) for k in first)
+    assert {f"loss_{h}" for h in PretrainTask(cfg).heads} <= set(first) and all(math.isfinite(first[k]) for k in first)
     assert [m["step"] for m in resumed_hooks.reports] == [2]
     assert {k: v for k, v in resumed_hooks.reports[0].items() if k.startswith(("loss", "xmodal/"))} \
         == {k: v for k, v in last.items() if k.startswith(("loss", "xmodal/"))}
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert "heads.simmim.mask_token" in straight.state_dict()
+    assert ("heads.simmim.mask_token" in straight.state_dict()) == ("simmim" in PretrainTask(cfg).heads)
 
     path = export_encoder(cfg, PretrainTask(cfg), tmp_path / "step2", tmp_path / "encoder.pt")
     saved = torch.load(path, weights_only=True)["state_dict"]
@@ -272,9 +245,10 @@ def test_both_tasks_train_resume_bit_identically_and_export_a_plain_encoder(tmp_
 
 
 @pytest.mark.e2e
-def test_two_workers_pretrain_both_new_tasks_killed_and_resumed(prepared, tmp_path, ray_session, monkeypatch):
-    """Real Ray Train (2 DDP workers on gloo: three encoder passes a step, one backward), a worker killed after step
-    3 and the run resumed from the step-2 checkpoint; per-task metrics in MLflow; encoder.pt loads into SwinUNETR."""
+def test_two_workers_pretrain_all_new_tasks_killed_and_resumed(prepared, tmp_path, ray_session, monkeypatch):
+    """Real Ray Train (2 DDP workers on gloo: rotation, simmim, xmodal and voco, four encoder passes a step, one
+    backward), a worker killed after step 3 and the run resumed from the step-2 checkpoint; per-task metrics in
+    MLflow; encoder.pt loads into SwinUNETR."""
     from pathlib import Path
 
     from mlflow.tracking import MlflowClient
@@ -285,7 +259,8 @@ def test_two_workers_pretrain_both_new_tasks_killed_and_resumed(prepared, tmp_pa
     out = tmp_path / "run"
     tiny = Path(__file__).resolve().parents[1] / "experiments" / "pretrain_tiny.yaml"
     cfg = load_config(tiny, [f"data.root={prepared[0]}", f"output_dir={out}", "loss.w_contrastive=0",
-                             "loss.w_inpainting=0", "loss.w_simmim=1", "loss.w_xmodal=1", "trainer.steps=4",
+                             "loss.w_inpainting=0", "loss.w_simmim=1", "loss.w_xmodal=1", "loss.w_voco=1", *VOCO,
+                             "trainer.steps=4",
                              "trainer.checkpoint_every=2", "trainer.max_failures=2",
                              f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"], PretrainConfig)
     monkeypatch.setenv(CHAOS_ENV, "3")
@@ -293,7 +268,8 @@ def test_two_workers_pretrain_both_new_tasks_killed_and_resumed(prepared, tmp_pa
     assert (out / ".chaos_fired").exists(), "the fault was not injected"
     assert result.metrics["step"] == 4
     client = MlflowClient(result.tracking_uri)
-    for key in ("loss", "loss_rotation", "loss_simmim", "loss_xmodal", "xmodal/ct_from_pet", "xmodal/pet_from_ct"):
+    for key in ("loss", "loss_rotation", "loss_simmim", "loss_xmodal", "xmodal/ct_from_pet", "xmodal/pet_from_ct",
+                "loss_voco", "voco/pos", "voco/neg", "voco/reg"):
         assert sorted(m.step for m in client.get_metric_history(result.run_id, key)) == [1, 2, 3, 4], key
     net = SwinUNETR(in_channels=2, out_channels=2, feature_size=12)
     assert len(load_encoder_into_swinunetr(net, result.encoder)) == len(net.swinViT.state_dict())

@@ -7,6 +7,7 @@ those other layers add with `register_rules`, e.g. the pretext tasks' own rules)
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -91,14 +92,19 @@ def _rules() -> dict[type, dict[str, Rule]]:
                            "shuffle_buffer": _at_least(0), "read_cpus": _POSITIVE, "min_crops_per_epoch": _at_least(0)},
         DataConfig: {"subset": _SUBSET, "min_foreground": _UNIT},
         ModelConfig: {"feature_size": _FEATURE_SIZE, "in_channels": _at_least(1), "drop_path_rate": _UNIT,
-                      "contrastive_dim": _at_least(1)},
+                      "contrastive_dim": _at_least(1), "voco_dim": _at_least(1)},
         LossConfig: {"w_rotation": _at_least(0), "w_contrastive": _at_least(0), "w_inpainting": _at_least(0),
-                     "temperature": _POSITIVE, "w_simmim": _at_least(0), "w_xmodal": _at_least(0)},
+                     "temperature": _POSITIVE, "w_simmim": _at_least(0), "w_xmodal": _at_least(0),
+                     "w_voco": _at_least(0)},
         PretextConfig: {"rotation_dims": _AXES, "cutout_min_side": _FRACTION, "cutout_max_side": _FRACTION,
                         "cutout_max_drop": _UNIT, "cutout_cross_sample": _UNIT, "cutout_max_boxes": _at_least(1),
                         "mask_ratio": _rule(lambda v: 0 < v < 1, "must be in (0, 1)"), "mask_patch": _rule(
                             lambda v: v >= 2 and v % 2 == 0, "must be a positive even number of voxels (whole "
-                            "2-voxel patches of the patch embedding)", "e.g. 16"), "xmodal_hide_ct": _UNIT},
+                            "2-voxel patches of the patch embedding)", "e.g. 16"), "xmodal_hide_ct": _UNIT,
+                        "voco_grid": _rule(lambda v: len(v) == 3 and min(v) >= 1 and math.prod(v) >= 2,
+                                           "must be three counts (Z, Y, X) >= 1 making >= 2 base crops",
+                                           "e.g. [1, 3, 3]"),
+                        "voco_crops": _at_least(1)},
         OptimConfig: {"lr": _POSITIVE, "weight_decay": _at_least(0), "warmup_steps": _at_least(0),
                       "min_lr_ratio": _UNIT, "grad_clip": _at_least(0)},
         TrainerConfig: {"steps": _at_least(1), "num_workers": _at_least(1), "cpus_per_worker": _POSITIVE,
@@ -271,6 +277,15 @@ def _sweep_cross(cfg: SweepConfig, prefix: str) -> list[str]:
             out.append(_bad(f"{prefix}search.grid.{key}", "give a non-empty list of values", values))
             continue
         out += [p for v in values if (p := _stage_value_problem(f"{prefix}search.grid.", key, v))][:1]
+    for name, values in cfg.search.settings.items():
+        if not isinstance(values, dict) or not values:
+            out.append(_bad(f"{prefix}search.settings.{name}", "give a mapping of config keys to values", values))
+            continue
+        for key, value in flatten(values).items():
+            both = key in flatten(cfg.search.grid)
+            out += [_bad(f"{prefix}search.settings.{name}.{key}", "is also a search.grid key; set it in one place",
+                         value)] if both else []
+            out += [p for p in [_stage_value_problem(f"{prefix}search.settings.{name}.", key, value)] if p]
     for key, spec in cfg.search.sample.items():
         values = spec.values if spec.kind == "choice" else [spec.low, spec.high]
         out += [p for v in values if (p := _stage_value_problem(f"{prefix}search.sample.", key, v))][:1]

@@ -54,6 +54,8 @@ class ModelConfig:
     """Activation checkpointing in the Swin blocks: less memory, ~30% more compute."""
     contrastive_dim: int = 512
     """Output width of the contrastive projection head (a linear layer on the pooled bottleneck)."""
+    voco_dim: int = 2048
+    """Hidden and output width of the position-aware contrast projection head (VoCo's: 2048)."""
     use_v2: bool = False
     """SwinUNETR-V2 encoder (Hatamizadeh et al., MICCAI 2023): MONAI's residual conv block (`layers{i}c`) before
     each Swin stage. Recorded in encoder.pt; the fine-tuning's model.use_v2 must match it."""
@@ -84,6 +86,10 @@ class LossConfig:
     w_xmodal: float = 0.0
     """Weight of cross-modal reconstruction (one modality of the crop hidden, reconstructed from the other; metric
     loss_xmodal, per direction xmodal/ct_from_pet and xmodal/pet_from_ct). Its own encoder pass; 0 skips it."""
+    w_voco: float = 0.0
+    """Weight of position-aware volume contrast (VoCo-style: base crops tiling the crop, random crops inside it, their
+    embedding similarities supervised by their overlap shares; metric loss_voco, terms voco/pos, voco/neg, voco/reg).
+    Its own encoder pass on (pretext.voco_grid product + pretext.voco_crops) smaller crops per crop; 0 skips it."""
     simmim_loss: Literal["l1", "l2"] = "l1"
     """Error on the masked voxels: 'l1' (SimMIM's) or 'l2' (squared, MAE's)."""
     simmim_norm_target: bool = False
@@ -132,6 +138,12 @@ class PretextConfig:
     xmodal_hide_ct: float = 0.5
     """Cross-modal reconstruction (loss.w_xmodal): probability that a crop's CT is hidden (predicted from its PET);
     otherwise its PET is hidden (predicted from CT). In [0, 1]."""
+    voco_grid: list[int] = field(default_factory=lambda: [1, 3, 3])
+    """Position-aware contrast (loss.w_voco): base crops (Z, Y, X) tiling each crop, >= 2 in all (VoCo tiles 1 x 4 x
+    4); every base crop side, data.roi / grid, must be a multiple of 32 (the encoder's). Default: a 96^3 crop into
+    96 x 32 x 32-voxel base crops."""
+    voco_crops: int = 2
+    """Random crops per crop (the size of a base crop, uniformly placed inside the crop), >= 1 (VoCo's default 2)."""
 
 
 @dataclass
@@ -178,7 +190,11 @@ class TrainerConfig:
     log_every: int = 10
     """Steps between metric reports (MLflow and Ray Train); >= 1."""
     seed: int = 0
-    """Seed of model init, crops and augmentations (same seed, same run); >= 0."""
+    """Seed of model init, crops and augmentations; >= 0. Same seed, same run only with `deterministic`."""
+    deterministic: bool = False
+    """Bit-reproducible runs on CPU: each worker reads its own seeded crops in its own process instead of the Ray
+    Data stream (whose dynamic scheduling varies the crops and their order; see swinssl.data.reproducible), and
+    torch's deterministic algorithms are on. Slower input; for checks, small studies and reruns of a result."""
 
 
 @dataclass

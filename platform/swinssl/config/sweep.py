@@ -30,6 +30,11 @@ class SearchConfig:
 
     grid: dict[str, list[Any]] = field(default_factory=dict)
     """Every combination is a trial (nested YAML or dotted keys)."""
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Named settings, each a set of values taken together (nested YAML or dotted keys), e.g. a pretext family with
+    its weights: `simmim: {loss.w_rotation: 0, loss.w_contrastive: 0, loss.w_inpainting: 0, loss.w_simmim: 1}`.
+    Each is crossed with the grid; its trials are named after it (`simmim n=760`). A key may not be both here and
+    in the grid."""
     sample: dict[str, SampleSpec] = field(default_factory=dict)
     """Random search: each of `num_samples` draws per grid point samples these keys (seeded, so reproducible)."""
     num_samples: int = 1

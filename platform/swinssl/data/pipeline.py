@@ -43,10 +43,18 @@ def decode_label(row: dict, path: str) -> np.ndarray:
     return np.frombuffer(row["label"], np.uint8).reshape(tuple(int(v) for v in row["shape"]))
 
 
-def study_rng(seed: int, study_id: str) -> np.random.Generator:
-    """A fresh generator per read: seed, study, process and clock (new crops every epoch, never reproducible)."""
+def study_rng(seed: int, study_id: str, draw: int | None = None) -> np.random.Generator:
+    """A fresh generator per read: seed, study, process and clock (new crops every epoch, never reproducible); with
+    `draw` (the reproducible stream's listing number) seed, study and draw only."""
     digest = int.from_bytes(hashlib.blake2b(study_id.encode(), digest_size=8).digest(), "little")
+    if draw is not None:
+        return np.random.default_rng([seed, digest, int(draw)])
     return np.random.default_rng([seed, digest, os.getpid(), time.monotonic_ns()])
+
+
+def _draws(batch: dict[str, np.ndarray]) -> list[int | None]:
+    """Per row: its `draw` (reproducible stream, see data.reproducible) or None (the Ray Data stream)."""
+    return [int(d) for d in batch["draw"]] if "draw" in batch else [None] * len(batch["path"])
 
 
 def epoch_repeats(num_shards: int, crops_per_study: int, min_crops_per_epoch: int) -> int:
@@ -57,23 +65,21 @@ def epoch_repeats(num_shards: int, crops_per_study: int, min_crops_per_epoch: in
 class CropSampler:
     """Ray Data UDF: a batch of shard rows -> `k` crops per row, float16 (C, *roi).
 
-    Crop positions are drawn fresh every time a study is read (new crops every epoch). They are not bit-for-bit
-    reproducible: Ray schedules reads dynamically, so which process cuts which study varies between runs. Model
-    initialisation and the pretext augmentations (on the trainer) are seeded.
+    Crop positions are drawn fresh every time a study is read (new crops every epoch). In the Ray Data stream they
+    are not bit-for-bit reproducible: Ray schedules reads dynamically, so which process cuts which study varies
+    between runs (model initialisation and the pretext augmentations, on the trainer, are seeded). A `draw` column
+    (the reproducible stream of `trainer.deterministic`, data.reproducible) seeds each read instead.
     """
 
     def __init__(self, roi: tuple[int, int, int], crops_per_study: int, seed: int, min_foreground: float):
         self.roi, self.k, self.seed, self.min_foreground = tuple(roi), crops_per_study, seed, min_foreground
 
-    def _rng(self, study_id: str) -> np.random.Generator:
-        return study_rng(self.seed, study_id)
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """batch["path"]: shard files; each is read (needed columns only), decoded once and cut k times."""
         crops = []
-        for path in batch["path"]:
+        for path, draw in zip(batch["path"], _draws(batch)):
             row = read_shard_row(path, CROP_COLUMNS)
-            crops.append(sample_crops(decode_image(row), self.roi, self.k, self._rng(row["study_id"]),
+            crops.append(sample_crops(decode_image(row), self.roi, self.k, study_rng(self.seed, row["study_id"], draw),
                                       self.min_foreground))
         return {"image": np.concatenate(crops)}
 
@@ -94,12 +100,12 @@ class SegCropSampler:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """batch["path"]: shard files; each is read once, its image and label decoded once and cut k times."""
         images, labels = [], []
-        for path in batch["path"]:
+        for path, draw in zip(batch["path"], _draws(batch)):
             row = read_shard_row(path, SEG_COLUMNS)
             label = decode_label(row, str(path))
             try:
                 image, label = sample_seg_crops(decode_image(row), label, self.roi, self.k,
-                                                study_rng(self.seed, row["study_id"]), self.class_balanced,
+                                                study_rng(self.seed, row["study_id"], draw), self.class_balanced,
                                                 num_classes=self.num_classes, background_prob=self.background_prob)
             except ValueError as exc:
                 raise ValueError(f"shard {path} (study {row['study_id']!r}): {exc}") from None
@@ -109,19 +115,22 @@ class SegCropSampler:
 
 
 def crop_dataset(shards: list[str], roi: tuple[int, int, int], crops_per_study: int, seed: int = 0,
-                 min_foreground: float = 0.05, read_cpus: float = 1.0, min_crops_per_epoch: int = 0):
+                 min_foreground: float = 0.05, read_cpus: float = 1.0, min_crops_per_epoch: int = 0,
+                 reproducible: bool = False):
     """A Ray Dataset of crops: one column `image`, float16 (C, *roi) (the trainer casts on its device).
 
     The dataset is a list of shard paths (one block each, block order randomised every epoch); a read task opens
     one shard, so a pass can list a small cohort several times (`min_crops_per_epoch`) without re-planning.
+    `reproducible`: a `data.reproducible.ReproducibleStream` of the same crops instead (each worker reads its own).
     """
     sampler = CropSampler(roi, crops_per_study, seed, min_foreground)
-    return _crop_stream(shards, crops_per_study, min_crops_per_epoch, sampler, read_cpus)
+    return _crop_stream(shards, crops_per_study, min_crops_per_epoch, sampler, read_cpus, seed if reproducible
+                        else None)
 
 
 def seg_crop_dataset(shards: list[str], roi: tuple[int, int, int], crops_per_study: int, seed: int = 0,
                      class_balanced: bool = True, read_cpus: float = 1.0, min_crops_per_epoch: int = 0,
-                     background_prob: float = 0.1, num_classes: int | None = None):
+                     background_prob: float = 0.1, num_classes: int | None = None, reproducible: bool = False):
     """A Ray Dataset of segmentation crops: `image` float16 (C, *roi) and `label` uint8 (1, *roi), same windows.
 
     Same design as `crop_dataset` (shard paths as rows, block order randomised every epoch, one read + decode per
@@ -131,12 +140,20 @@ def seg_crop_dataset(shards: list[str], roi: tuple[int, int, int], crops_per_stu
     label value outside the label set (`num_classes`, the set's number of classes).
     """
     sampler = SegCropSampler(roi, crops_per_study, seed, class_balanced, background_prob, num_classes)
-    return _crop_stream(shards, crops_per_study, min_crops_per_epoch, sampler, read_cpus)
+    return _crop_stream(shards, crops_per_study, min_crops_per_epoch, sampler, read_cpus, seed if reproducible
+                        else None)
 
 
 def _crop_stream(shards: list[str], crops_per_study: int, min_crops_per_epoch: int,
-                 sampler: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], read_cpus: float):
-    """Shard paths (each listed epoch_repeats times, one block each, random block order) -> map_batches(sampler)."""
+                 sampler: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], read_cpus: float,
+                 reproducible_seed: int | None = None):
+    """Shard paths (each listed epoch_repeats times, one block each, random block order) -> map_batches(sampler);
+    with `reproducible_seed` the worker-side stream of data.reproducible instead."""
+    if reproducible_seed is not None:
+        from .reproducible import ReproducibleStream
+
+        return ReproducibleStream([str(s) for s in shards], sampler, crops_per_study, min_crops_per_epoch,
+                                  reproducible_seed)
     import ray.data
 
     repeats = epoch_repeats(len(shards), crops_per_study, min_crops_per_epoch)

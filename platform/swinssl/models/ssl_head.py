@@ -126,6 +126,25 @@ class PooledLinear(nn.Linear):
     pooled_input = True
 
 
+class ProjectionMLP(nn.Module):
+    """VoCo's projection head on the pooled bottleneck ``(B, W) -> (B, dim)``: Linear-BN-ReLU, Linear-BN-ReLU, Linear;
+    the batch norms have no affine parameters and no running statistics, as in VoCo's ``projection_head``."""
+
+    pooled_input = True
+
+    def __init__(self, width: int, dim: int):
+        super().__init__()
+
+        def norm() -> nn.Module:
+            return nn.BatchNorm1d(dim, affine=False, track_running_stats=False)
+
+        self.layers = nn.Sequential(nn.Linear(width, dim), norm(), nn.ReLU(), nn.Linear(dim, dim), norm(), nn.ReLU(),
+                                    nn.Linear(dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
 def classic_heads(bottleneck_dim: int, in_channels: int, contrastive_dim: int = 512,
                   spatial_dims: int = 3) -> dict[str, nn.Module]:
     """The three heads of the reference pretraining, keyed like their pretext tasks, in :data:`CLASSIC_HEADS` order."""

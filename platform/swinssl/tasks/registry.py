@@ -20,7 +20,8 @@ Supervised Pre-Training of Swin Transformers for 3D Medical Image Analysis", CVP
 research-contributions, SwinUNETR/Pretrain). With their own view and encoder pass (weights 0 by default): `simmim`
 (masked-patch modelling: Xie et al., "SimMIM", CVPR 2022; masked image modelling as 3D segmentation pretraining:
 Wald et al., "Revisiting MAE pre-training for 3D medical image segmentation", CVPR 2025) and `xmodal` (PET/CT cross-
-modal reconstruction: one modality hidden, reconstructed from the other), views in `tasks.pretext_views`.
+modal reconstruction: one modality hidden, reconstructed from the other), views in `tasks.pretext_views`; `voco`
+(position-aware volume contrast: Wu et al., "VoCo", CVPR 2024), its view in `tasks.position_views`.
 
 Adding a built-in task: its loss file under `losses/`, one `register(PretextTask(..., builtin=True))` at the end of
 this module, its `LossConfig` field `w_<name>` (and option fields), tests. Adding a task from a plugin or a test
@@ -53,6 +54,8 @@ from ..losses.cross_modal import cross_modal_loss
 from ..losses.inpainting import inpainting_loss
 from ..losses.masked import masked_loss
 from ..losses.rotation import rotation_loss
+from ..losses.voco import voco_terms
+from .position_views import position_view
 from .pretext_views import CT, PET, hidden_modality_view, masked_view
 
 
@@ -306,6 +309,35 @@ def xmodal_directions(per_view: Tensor, hidden: Tensor, hide_ct: float) -> dict[
     return out
 
 
+def _voco_head(cfg: Any, width: int) -> nn.Module:
+    from ..models.ssl_head import ProjectionMLP
+
+    return ProjectionMLP(width, cfg.model.voco_dim)
+
+
+def _voco_view(x: Tensor, generator: torch.Generator, cfg: Any) -> Any:
+    return position_view(x, generator, cfg.pretext.voco_grid, cfg.pretext.voco_crops)
+
+
+def _voco(out: Tensor, view: Any, cfg: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    batch, bases = view.overlap.shape[0], view.bases
+    terms = voco_terms(out[batch * bases:].unflatten(0, (batch, -1)), out[:batch * bases].unflatten(0, (batch, bases)),
+                       view.overlap)
+    return sum(terms.values()).mean(), {key: value.mean() for key, value in terms.items()}
+
+
+def _voco_problems(cfg: Any) -> list[str]:
+    grid, roi = list(cfg.pretext.voco_grid), list(cfg.data.roi)
+    if len(roi) != 3 or len(grid) != 3 or min(grid) < 1:
+        return []  # config.validate reports a malformed roi or grid
+    base = [side / tiles for side, tiles in zip(roi, grid)]
+    if any(side % 32 for side in base):
+        return [f"pretext.voco_grid: {grid} splits data.roi {roi} into base crops of {base} voxels; the encoder "
+                f"needs whole multiples of 32 (e.g. roi [96, 96, 96] with grid [1, 3, 3], [64, 64, 64] with [2, 2, 2])"
+                f", or set loss.w_voco=0"]
+    return []
+
+
 def _simmim_problems(cfg: Any) -> list[str]:
     side = cfg.pretext.mask_patch
     if side < 2 or side % 2:
@@ -342,6 +374,8 @@ register(PretextTask("simmim", _simmim_head, _simmim, short="w_mim", builtin=Tru
                      own_view=_simmim_view))
 register(PretextTask("xmodal", _inpainting_head, _xmodal, short="w_xmod", builtin=True, problems=_xmodal_problems,
                      own_view=_xmodal_view))
+register(PretextTask("voco", _voco_head, _voco, short="w_voco", builtin=True, problems=_voco_problems,
+                     own_view=_voco_view))
 
 # config.validate runs these with its own rules; config itself never imports this layer (it sits below it)
 register_rules(PretrainConfig, lambda cfg, prefix: [prefix + problem for problem in pretext_problems(cfg)])

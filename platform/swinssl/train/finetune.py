@@ -218,26 +218,28 @@ def _train_fold(cfg, k, train_refs, output_dir, encoder_path, tracking, labels: 
     from ray.train.torch import TorchTrainer
 
     from ..data.pipeline import seg_crop_dataset
-    from .launch import chaos_config, scaling_config
+    from .launch import chaos_config, scaling_config, trainer_data
     from .worker import train_worker
 
     run_dir = output_dir / "ray" / f"fold_{k}"
     latest = latest_checkpoint_dir(run_dir)
     if latest is not None and load_meta(latest).get("step", 0) >= cfg.trainer.steps:
         return latest
-    dataset = seg_crop_dataset([s.shard for s in train_refs], tuple(cfg.data.roi), cfg.data.crops_per_study,
-                               cfg.trainer.seed + k, cfg.data.class_balanced, cfg.data.read_cpus,
-                               cfg.data.min_crops_per_epoch, num_classes=labels.num_classes)
+    stream = seg_crop_dataset([s.shard for s in train_refs], tuple(cfg.data.roi), cfg.data.crops_per_study,
+                              cfg.trainer.seed + k, cfg.data.class_balanced, cfg.data.read_cpus,
+                              cfg.data.min_crops_per_epoch, num_classes=labels.num_classes,
+                              reproducible=cfg.trainer.deterministic)
+    datasets, reproducible = trainer_data(stream)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"kind": "finetune", "cfg": asdict(cfg), "encoder_path": encoder_path,
                            "tracking": tracking, "meta": {"fold": k, **model_signature(cfg)},
-                           "chaos": chaos_config(cfg, output_dir)},
+                           "chaos": chaos_config(cfg, output_dir), **reproducible},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(name=f"fold_{k}", storage_path=str(output_dir / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints)),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     return Path(trainer.fit().checkpoint.path)
 

@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ..config import ConfigError, PretrainConfig, flatten, save_config, validate
 from ..data.studies import DataError, check_roi_fits, select_studies
@@ -122,12 +123,14 @@ def build_trainer(cfg: PretrainConfig, task: PretrainTask, studies: list, output
     from ..data.pipeline import crop_dataset
     from .worker import train_worker
 
-    dataset = crop_dataset([s.shard for s in studies], tuple(cfg.data.roi), cfg.data.crops_per_study,
-                           cfg.trainer.seed, cfg.data.min_foreground, cfg.data.read_cpus,
-                           cfg.data.min_crops_per_epoch)
+    stream = crop_dataset([s.shard for s in studies], tuple(cfg.data.roi), cfg.data.crops_per_study,
+                          cfg.trainer.seed, cfg.data.min_foreground, cfg.data.read_cpus,
+                          cfg.data.min_crops_per_epoch, reproducible=cfg.trainer.deterministic)
+    datasets, reproducible = trainer_data(stream)
     return TorchTrainer(
         train_worker,
         train_loop_config={"kind": "pretrain", "cfg": asdict(cfg), "tracking": tracking, "meta": model_signature(cfg),
+                           **reproducible,
                            "chaos": chaos_config(cfg, output_dir),
                            # absolute: a worker's working directory is not the driver's
                            "probe": {"dir": str(output_dir / "probe"), "root": str(Path(cfg.data.root).resolve())}
@@ -139,8 +142,18 @@ def build_trainer(cfg: PretrainConfig, task: PretrainTask, studies: list, output
                              failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints),
                              callbacks=callbacks or None),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
+
+
+def trainer_data(stream: Any) -> tuple[dict, dict]:
+    """(TorchTrainer `datasets`, extra train_loop_config): a Ray Dataset is split across the workers by Ray Train; a
+    reproducible stream (trainer.deterministic) travels in the loop config and each worker reads its own part."""
+    from ..data.reproducible import ReproducibleStream
+
+    if isinstance(stream, ReproducibleStream):
+        return {}, {"reproducible": stream}
+    return {"train": stream}, {}
 
 
 def chaos_config(cfg, output_dir: Path) -> dict | None:

@@ -105,14 +105,21 @@ def train_worker(config: dict[str, Any]) -> None:
     cfg, task = _build(config)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    if cfg.trainer.deterministic:  # e.g. the Swin bias table's gradient: summed by several threads in any order
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs for it on CUDA
+        # CUDA: a few kernels (e.g. trilinear upsampling's backward) have no deterministic variant: warn, not fail
+        torch.use_deterministic_algorithms(True, warn_only=cfg.trainer.use_gpu)
     torch.manual_seed(cfg.trainer.seed)  # identical init everywhere (DDP also broadcasts rank 0's weights)
     raw = task.build_model()
     model = ray.train.torch.prepare_model(
         raw, parallel_strategy_kwargs={"find_unused_parameters": task.unused_parameters()})
     device = ray.train.torch.get_device()
-    shard = ray.train.get_dataset_shard("train")
+    reproducible = config.get("reproducible")  # data.reproducible.ReproducibleStream, or the Ray Data shard
+    shard = None if reproducible else ray.train.get_dataset_shard("train")
 
     def next_epoch(epoch: int):
+        if reproducible:
+            return reproducible.batches(epoch, rank, world, cfg.data.batch_size, cfg.data.shuffle_buffer)
         return shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True,
                                         local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                                         local_shuffle_seed=cfg.trainer.seed * 7919 + epoch * 31 + rank)

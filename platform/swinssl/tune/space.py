@@ -1,8 +1,9 @@
-"""The trials of a sweep as an explicit, deterministic list (written to `trials.json`): the grid's product, each
-point drawn `num_samples` times for the randomly searched keys, repeated per seed, plus one scratch baseline per
-seed and per distinct combination of the points' `finetune.*` values (e.g. `finetune.cv.train_studies`: the
-scratch baseline of a label-efficiency sweep is fine-tuned on the same number of labelled studies). An explicit
-list keeps trial names readable and stable, so a resumed sweep finds its finished trials.
+"""The trials of a sweep as an explicit, deterministic list (written to `trials.json`): the named settings crossed
+with the grid's product, each point drawn `num_samples` times for the randomly searched keys, repeated per seed,
+plus one scratch baseline per seed and per distinct combination of the points' `finetune.*` values (e.g.
+`finetune.cv.train_studies`: the scratch baseline of a label-efficiency sweep is fine-tuned on the same number of
+labelled studies). An explicit list keeps trial names readable and stable, so a resumed sweep finds its finished
+trials.
 """
 
 from __future__ import annotations
@@ -75,19 +76,27 @@ def _draw(spec: SampleSpec, rng: np.random.Generator, key: str) -> Any:
     raise ConfigError(f"search.sample.{key}: kind must be uniform, loguniform or choice, got {spec.kind!r}")
 
 
-def _points(cfg: SweepConfig) -> list[dict[str, Any]]:
+def _points(cfg: SweepConfig) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(setting label, values that name the trial, every value) per point: the named settings crossed with the grid,
+    then the random draws."""
     grid = flatten(cfg.search.grid)
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"search.grid.{key}: give a non-empty list of values")
     product = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else [{}]
+    named = {label: flatten(values) for label, values in cfg.search.settings.items()} or {"": {}}
+    points = [(label, point, {**values, **point}) for label, values in named.items() for point in product]
     if not cfg.search.sample:
-        return product
+        return points
     if cfg.search.num_samples < 1:
         raise ConfigError("search.num_samples must be >= 1")
     rng = np.random.default_rng(cfg.search.seed)
-    return [{**point, **{k: _draw(s, rng, k) for k, s in cfg.search.sample.items()}}
-            for point in product for _ in range(cfg.search.num_samples)]
+    drawn = []
+    for label, shown, values in points:
+        for _ in range(cfg.search.num_samples):
+            draws = {k: _draw(s, rng, k) for k, s in cfg.search.sample.items()}
+            drawn.append((label, {**shown, **draws}, {**values, **draws}))
+    return drawn
 
 
 def _slug(text: str) -> str:
@@ -108,18 +117,20 @@ def expand_trials(cfg: SweepConfig) -> list[TrialSpec]:
     if not cfg.seeds:
         raise ConfigError("seeds must list at least one seed")
     points = _points(cfg)
-    if points == [{}] and not cfg.scratch_baseline:
-        raise ConfigError("the sweep has no trials: give search.grid / search.sample or scratch_baseline: true")
+    if [values for _, _, values in points] == [{}] and not cfg.scratch_baseline:
+        raise ConfigError("the sweep has no trials: give search.grid / search.settings / search.sample or "
+                          "scratch_baseline: true")
     several = len(cfg.seeds) > 1
     specs: list[TrialSpec] = []
     for seed in cfg.seeds:
-        for point in points:
+        for label, shown, values in points:
             # the unlabelled-set size last: `w_rot=1 w_con=0.5 n=760` reads as "this recipe, on this many"
-            ordered = sorted(point.items(), key=lambda item: item[0] == SIZE_KEY)
-            setting = " ".join(f"{short_name(k)}={_format(v, k)}" for k, v in ordered) or "pretrained"
+            ordered = sorted(shown.items(), key=lambda item: item[0] == SIZE_KEY)
+            parts = [label] if label else []
+            setting = " ".join([*parts, *(f"{short_name(k)}={_format(v, k)}" for k, v in ordered)]) or "pretrained"
             specs.append(TrialSpec("", setting + (f" seed={seed}" if several else ""), setting, "pretrained", seed,
-                                   point))
-        for values in _scratch_points(points) if cfg.scratch_baseline else []:
+                                   values))
+        for values in _scratch_points([values for _, _, values in points]) if cfg.scratch_baseline else []:
             setting = " ".join(["scratch", *(f"{short_name(k)}={_format(v, k)}" for k, v in values.items())])
             specs.append(TrialSpec("", setting + (f" seed={seed}" if several else ""), setting, "scratch", seed,
                                    values))

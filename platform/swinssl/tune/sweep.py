@@ -72,6 +72,11 @@ def _validate(cfg: SweepConfig, specs: list[TrialSpec], sweep_dir: Path) -> dict
             need["GPU"] = max(need["GPU"], stage.trainer.num_workers if stage.trainer.use_gpu else 0)
         if pretrain_cfg is not None:
             probe += _probe_metric_problems(cfg, spec, pretrain_cfg) + probe_problems(pretrain_cfg)
+            if pretrain_cfg.model.use_v2 != finetune_cfg.model.use_v2:  # fine-tuning would refuse the encoder
+                probe.append(f"trial {spec.name!r}: model.use_v2={pretrain_cfg.model.use_v2} pretrains a "
+                             f"SwinUNETR{'-V2' if pretrain_cfg.model.use_v2 else ''} encoder but "
+                             f"finetune.model.use_v2={finetune_cfg.model.use_v2}; set both (e.g. in one "
+                             f"search.settings entry)")
             try:
                 studies = select_studies(cfg.data.root, pretrain_cfg.data.cohort, pretrain_cfg.data.subset)
                 check_roi_fits(studies, pretrain_cfg.data.roi)
@@ -246,12 +251,13 @@ def _reconcile(specs: list[TrialSpec], grid, sweep_dir: Path, ctx: dict) -> list
 def _open_parent(cfg: SweepConfig, sweep_dir: Path, specs: list[TrialSpec]) -> tuple[str | None, str | None]:
     if not cfg.tracking.enabled:
         return None, None
-    from ..tracking.mlflow_run import log_artifact, open_run, resolve_tracking_uri
+    from ..tracking.mlflow_run import log_artifact, metric_key, open_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking, sweep_dir)
     params = {"study": cfg.study or cfg.name, "trials": len(specs), "seeds": cfg.seeds,
               "scratch_baseline": cfg.scratch_baseline, "pretrain_config": cfg.pretrain,
               "finetune_config": cfg.finetune, **{f"grid.{k}": v for k, v in cfg.search.grid.items()},
+              **{f"setting.{metric_key(k)}": v for k, v in cfg.search.settings.items()},
               **{f"sample.{k}": asdict(v) for k, v in cfg.search.sample.items()}}
     run_id = open_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name, sweep_dir, params,
                       tags={"study": cfg.study or cfg.name, "swinssl.kind": "sweep"})

@@ -6,8 +6,8 @@ stages' usual output folders, each resumable), `attempts` (one line per start), 
 atomically: a trial with it is finished and is never run again).
 
 MLflow: sweep run -> trial run (params: searched values, seed, init, unlabelled-set size; metrics: final pretext
-losses as `pretrain/<loss>`, `dice_mean`, `dice/<class>`) -> pretraining run (loss curves, encoder.pt) and
-fine-tune fold runs.
+losses and diagnostics as `pretrain/<metric>`, `dice_mean`, `dice/<class>`) -> pretraining run (loss curves,
+encoder.pt) and fine-tune fold runs.
 """
 
 from __future__ import annotations
@@ -67,14 +67,30 @@ def _count_attempt(trial_dir: Path) -> int:
     return len(path.read_text().splitlines())
 
 
+def _trial_metric(key: str) -> bool:
+    """A pretraining metric the trial run shows as `pretrain/<key>`: the losses, the probe, a pretext task's own
+    diagnostics (`<task>/<name>`, e.g. xmodal/ct_from_pet, voco/pos) and the samples seen."""
+    from ..tasks.registry import registered
+
+    tasks = tuple(f"{t.name}/" for t in registered())
+    return key.startswith(("loss", "probe/", *tasks)) or key == "samples_seen"
+
+
+def _unset_weights(spec: TrialSpec, cfg: PretrainConfig) -> dict[str, float]:
+    """The weights of every registered pretext task that the trial did not set, as its pretraining resolved them:
+    trials of different pretext families then share the same `loss.w_*` param columns in MLflow's compare view."""
+    from ..tasks.registry import registered, weight
+
+    return {t.weight_key: weight(cfg, t) for t in registered() if t.weight_key not in spec.values}
+
+
 def _pretrain(cfg: PretrainConfig, run_id: str | None, ctx: dict) -> tuple[dict, int]:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ..train.launch import pretrain
 
     result = pretrain(cfg, parent_run_id=run_id, callbacks=[TuneReportCallback()])
-    final = {k: v for k, v in result.metrics.items()
-             if k.startswith(("loss", "probe/")) or k == "samples_seen"}
+    final = {k: v for k, v in result.metrics.items() if _trial_metric(k)}
     if run_id:
         buffer = mlflow_run.MetricBuffer(ctx["uri"], run_id, prefix="pretrain/")
         buffer.log(final, step=0)
@@ -88,6 +104,8 @@ def _execute(spec: TrialSpec, sweep: SweepConfig, trial_dir: Path, run_id: str |
     pretrain_cfg, finetune_cfg = stage_configs(spec, sweep, trial_dir, ctx)
     pretrained, n_unlabeled = {}, 0
     if pretrain_cfg is not None:
+        if run_id:
+            mlflow_run.log_run_params(ctx["uri"], run_id, _unset_weights(spec, pretrain_cfg))
         pretrained, n_unlabeled = _pretrain(pretrain_cfg, run_id, ctx)
     if run_id:
         mlflow_run.log_run_params(ctx["uri"], run_id, {"n_unlabeled": n_unlabeled})
