@@ -76,14 +76,6 @@ def _trial_metric(key: str) -> bool:
     return key.startswith(("loss", "probe/", *tasks)) or key == "samples_seen"
 
 
-def _unset_weights(spec: TrialSpec, cfg: PretrainConfig) -> dict[str, float]:
-    """The weights of every registered pretext task that the trial did not set, as its pretraining resolved them:
-    trials of different pretext families then share the same `loss.w_*` param columns in MLflow's compare view."""
-    from ..tasks.registry import registered, weight
-
-    return {t.weight_key: weight(cfg, t) for t in registered() if t.weight_key not in spec.values}
-
-
 def _pretrain(cfg: PretrainConfig, run_id: str | None, ctx: dict) -> tuple[dict, int]:
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -104,8 +96,6 @@ def _execute(spec: TrialSpec, sweep: SweepConfig, trial_dir: Path, run_id: str |
     pretrain_cfg, finetune_cfg = stage_configs(spec, sweep, trial_dir, ctx)
     pretrained, n_unlabeled = {}, 0
     if pretrain_cfg is not None:
-        if run_id:
-            mlflow_run.log_run_params(ctx["uri"], run_id, _unset_weights(spec, pretrain_cfg))
         pretrained, n_unlabeled = _pretrain(pretrain_cfg, run_id, ctx)
     if run_id:
         mlflow_run.log_run_params(ctx["uri"], run_id, {"n_unlabeled": n_unlabeled})
