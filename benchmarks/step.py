@@ -61,15 +61,16 @@ def bare_samples_per_s(cfg, steps: int, warmup: int) -> float:
     return (steps - warmup) * cfg.data.batch_size / (time.perf_counter() - start)
 
 
-OFF = {"loss.w_rotation": 0.0, "loss.w_contrastive": 0.0, "loss.w_inpainting": 0.0}
-MENU = {
-    "classic": {},
-    "simmim": {**OFF, "loss.w_simmim": 1.0},
-    "xmodal": {**OFF, "loss.w_xmodal": 1.0},
-    "voco": {**OFF, "loss.w_voco": 1.0},
-    "all": {"loss.w_simmim": 1.0, "loss.w_xmodal": 0.5, "loss.w_voco": 0.5},
-}
-"""Pretext families timed by `--menu` (weights as in experiments/pretext_menu.yaml)."""
+MENU_SWEEP = EXPERIMENT.parent / "pretext_menu.yaml"
+FAMILIES = ("classic", "simmim", "xmodal", "voco", "all")
+"""Pretext families timed by `--menu`: these settings of experiments/pretext_menu.yaml, their weights read from it."""
+
+
+def menu_weights() -> dict[str, dict]:
+    from swinssl.config import SweepConfig, flatten, load_config
+
+    settings = load_config(MENU_SWEEP, (), SweepConfig).search.settings
+    return {name: flatten(settings[name]) for name in FAMILIES}
 
 
 def menu_step_seconds(prepared: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -79,8 +80,8 @@ def menu_step_seconds(prepared: Path, out: Path, args: argparse.Namespace) -> di
     configs = {name: _config(prepared, out, args, [*(f"{k}={v}" for k, v in weights.items()),
                                                    f"pretext.voco_grid=[1,{side},{side}]",
                                                    f"trainer.cpus_per_worker={args.threads}"])
-               for name, weights in MENU.items()}
-    times: dict[str, list[float]] = {name: [] for name in MENU}
+               for name, weights in menu_weights().items()}
+    times: dict[str, list[float]] = {name: [] for name in FAMILIES}
     for _ in range(args.rounds):
         for name, cfg in configs.items():
             times[name].append(cfg.data.batch_size / bare_samples_per_s(cfg, args.steps, args.warmup))

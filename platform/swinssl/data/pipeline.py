@@ -124,8 +124,7 @@ def crop_dataset(shards: list[str], roi: tuple[int, int, int], crops_per_study: 
     `reproducible`: a `data.reproducible.ReproducibleStream` of the same crops instead (each worker reads its own).
     """
     sampler = CropSampler(roi, crops_per_study, seed, min_foreground)
-    return _crop_stream(shards, crops_per_study, min_crops_per_epoch, sampler, read_cpus, seed if reproducible
-                        else None)
+    return _crop_stream(shards, crops_per_study, min_crops_per_epoch, sampler, read_cpus, reproducible)
 
 
 def seg_crop_dataset(shards: list[str], roi: tuple[int, int, int], crops_per_study: int, seed: int = 0,
@@ -140,20 +139,17 @@ def seg_crop_dataset(shards: list[str], roi: tuple[int, int, int], crops_per_stu
     label value outside the label set (`num_classes`, the set's number of classes).
     """
     sampler = SegCropSampler(roi, crops_per_study, seed, class_balanced, background_prob, num_classes)
-    return _crop_stream(shards, crops_per_study, min_crops_per_epoch, sampler, read_cpus, seed if reproducible
-                        else None)
+    return _crop_stream(shards, crops_per_study, min_crops_per_epoch, sampler, read_cpus, reproducible)
 
 
 def _crop_stream(shards: list[str], crops_per_study: int, min_crops_per_epoch: int,
-                 sampler: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], read_cpus: float,
-                 reproducible_seed: int | None = None):
+                 sampler: CropSampler | SegCropSampler, read_cpus: float, reproducible: bool = False):
     """Shard paths (each listed epoch_repeats times, one block each, random block order) -> map_batches(sampler);
-    with `reproducible_seed` the worker-side stream of data.reproducible instead."""
-    if reproducible_seed is not None:
+    with `reproducible` the worker-side stream of data.reproducible instead."""
+    if reproducible:
         from .reproducible import ReproducibleStream
 
-        return ReproducibleStream([str(s) for s in shards], sampler, crops_per_study, min_crops_per_epoch,
-                                  reproducible_seed)
+        return ReproducibleStream([str(s) for s in shards], sampler, crops_per_study, min_crops_per_epoch)
     import ray.data
 
     repeats = epoch_repeats(len(shards), crops_per_study, min_crops_per_epoch)

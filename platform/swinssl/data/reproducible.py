@@ -18,13 +18,13 @@ checks; on a GPU node the Ray Data stream is the fast path).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .pipeline import epoch_repeats
+from .pipeline import CropSampler, SegCropSampler, epoch_repeats
 
 
 @dataclass
@@ -32,11 +32,14 @@ class ReproducibleStream:
     """What a Train worker needs to make its own crops (travels in `train_loop_config`)."""
 
     shards: list[str]
-    sampler: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-    """CropSampler / SegCropSampler: a batch of `path` (and `draw`) rows -> crops."""
+    sampler: CropSampler | SegCropSampler
+    """A batch of `path` and `draw` rows -> crops; its `seed` seeds the listing order and the shuffle too."""
     crops_per_study: int
     min_crops_per_epoch: int
-    seed: int
+
+    @property
+    def seed(self) -> int:
+        return self.sampler.seed
 
     def listings(self, epoch: int, rank: int, world: int) -> list[tuple[str, int]]:
         """(shard, draw) pairs rank `rank` reads in `epoch`, in order."""

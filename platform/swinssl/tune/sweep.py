@@ -62,7 +62,7 @@ def _validate(cfg: SweepConfig, specs: list[TrialSpec], sweep_dir: Path) -> dict
     ctx = {"uri": "", "experiment": cfg.tracking.experiment}
     need = {"CPU": 0.0, "GPU": 0.0}
     tuned = {}  # one fine-tuning config per distinct finetune.* values (e.g. cv.train_studies), checked below
-    probe = []
+    early = []  # per-trial problems reported together before any trial runs
     for spec in specs:
         pretrain_cfg, finetune_cfg = stage_configs(spec, cfg, sweep_dir / "trials" / spec.key, ctx)
         tuned.setdefault(repr(sorted(spec.finetune_overrides().items())), finetune_cfg)
@@ -71,9 +71,9 @@ def _validate(cfg: SweepConfig, specs: list[TrialSpec], sweep_dir: Path) -> dict
                               + stage.data.read_cpus)
             need["GPU"] = max(need["GPU"], stage.trainer.num_workers if stage.trainer.use_gpu else 0)
         if pretrain_cfg is not None:
-            probe += _probe_metric_problems(cfg, spec, pretrain_cfg) + probe_problems(pretrain_cfg)
+            early += _probe_metric_problems(cfg, spec, pretrain_cfg) + probe_problems(pretrain_cfg)
             if pretrain_cfg.model.use_v2 != finetune_cfg.model.use_v2:  # fine-tuning would refuse the encoder
-                probe.append(f"trial {spec.name!r}: model.use_v2={pretrain_cfg.model.use_v2} pretrains a "
+                early.append(f"trial {spec.name!r}: model.use_v2={pretrain_cfg.model.use_v2} pretrains a "
                              f"SwinUNETR{'-V2' if pretrain_cfg.model.use_v2 else ''} encoder but "
                              f"finetune.model.use_v2={finetune_cfg.model.use_v2}; set both (e.g. in one "
                              f"search.settings entry)")
@@ -82,8 +82,8 @@ def _validate(cfg: SweepConfig, specs: list[TrialSpec], sweep_dir: Path) -> dict
                 check_roi_fits(studies, pretrain_cfg.data.roi)
             except ValueError as exc:
                 raise type(exc)(f"trial {spec.name!r}: {exc}") from None
-    if probe:
-        raise ConfigError("; ".join(dict.fromkeys(probe)), list(dict.fromkeys(probe)))
+    if early:
+        raise ConfigError("; ".join(dict.fromkeys(early)), list(dict.fromkeys(early)))
     problems = list(dict.fromkeys(p for tuned_cfg in tuned.values() for p in data_problems(tuned_cfg)[0]))
     if problems:
         raise ConfigError("fine-tuning: " + "; ".join(problems), problems)
