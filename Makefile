@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch==2.13.0 first: it resolves to the local CPU wheel; pyproject keeps a range so GPU users get CUDA builds.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev]' torch==2.13.0
 	touch $(STAMP)
 
 # tests/test_mlflow_ui.py drives Debian's `chromium` through Playwright (its own browser download is not used); it

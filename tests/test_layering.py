@@ -15,7 +15,8 @@ PETCT = ROOT / "preprocessing" / "petct"
 
 # What each part of swinssl may import (besides itself, petct and third-party packages).
 ALLOWED: dict[str, set[str]] = {
-    "cli": {"tune", "train", "tasks", "models", "losses", "data", "eval", "tracking", "config"},
+    "cli": {"deploy", "tune", "train", "tasks", "models", "losses", "data", "eval", "tracking", "config"},
+    "deploy": {"train", "tasks", "models", "data", "eval", "tracking", "config"},
     "tune": {"train", "tasks", "models", "losses", "data", "eval", "tracking", "config"},
     "train": {"tasks", "models", "losses", "data", "eval", "tracking", "config"},
     "tasks": {"models", "losses", "data", "config"},

@@ -4,16 +4,20 @@
     swinssl scan     DIR --out cohort.csv   (find the studies of DIR, write them as a cohort CSV for review)
     swinssl prepare  --input cohort.csv|DIR --out OUT [--workers K] [--ct-window LO,HI] [--pet-window LO,HI]
     swinssl export   OUT --study ID --to DIR
+    swinssl bundle   MODEL --out DIR [--fold K] [--tracking-uri URI]   (a MONAI bundle of one fold)
+    swinssl export-nnunet OUT --out nnUNet_raw/DatasetXXX_Name [--finetune RUN_DIR | --folds K --seed S]
     swinssl pretrain experiments/pretrain.yaml [key=value ...]
     swinssl finetune experiments/finetune.yaml [key=value ...]   (encoder=PATH|RUN_ID|'' for scratch)
     swinssl sweep    experiments/dataset_size.yaml [key=value ...] [--resume]
-    swinssl report   --runs NAME=FINETUNE_DIR [NAME=FINETUNE_DIR ...]
+    swinssl report   --runs NAME=FINETUNE_DIR [NAME=FINETUNE_DIR ...] [--nnunet NAME=NNUNET_RESULTS_DIR ...]
     swinssl report   --sweep SWEEP_RUN_ID|SWEEP_NAME|SWEEP_DIR [--tracking-uri URI] [--out DIR]
+    swinssl predict  MODEL --input DIR|cohort.csv|PREPARED --out OUT [--folds 0,1] [--tta] [--ct-grid] [--device D]
+                     (MODEL: a finetune output_dir, models:/NAME/VERSION, runs:/RUN_ID/model or a finetune run id)
 
 Exit codes: 0 success; 2 usage, config or input error (a bad key or value, a missing or unreadable file, data that
-cannot serve the config), found before any training starts, with a message naming the key or file; 3 `prepare`
-finished but at least one study failed (see the manifest), or `sweep` finished but at least one trial failed; 4
-`pretrain`/`finetune` training failed after its retries.
+cannot serve the config), found before any training starts, with a message naming the key or file; 3 `prepare` or
+`predict` finished but at least one study failed (see the manifest / predictions.jsonl), or `sweep` finished but
+at least one trial failed; 4 `pretrain`/`finetune` training failed after its retries.
 """
 
 from __future__ import annotations
@@ -103,6 +107,32 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_nnunet(args: argparse.Namespace) -> int:
+    import os
+
+    from .deploy.nnunet import export_nnunet
+
+    preprocessed = args.preprocessed if args.preprocessed is not None else os.environ.get("nnUNet_preprocessed")
+    result = export_nnunet(args.prepared, args.out, finetune=args.finetune, folds=args.folds, seed=args.seed,
+                           preprocessed=preprocessed or None, include_unlabelled=args.include_unlabelled,
+                           progress=not args.quiet)
+    print(result.report())
+    return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from .deploy.bundle import bundle_fold, write_bundle
+    from .deploy.package import load_trained
+
+    trained = load_trained(args.model, args.tracking_uri)
+    fold = bundle_fold(trained, args.fold)
+    out = write_bundle(trained, args.out, fold).resolve()
+    print(f"MONAI bundle of fold {fold} written: {out}")
+    print(f"run it: python -m monai.bundle run --config_file {out}/configs/inference.json --bundle_root {out} "
+          "--dataset_dir DATA --output_dir OUT   (DATA: `swinssl export` study folders)")
+    return 0
+
+
 def input_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input, not a failed run: exit 2. ValueError covers ConfigError, DataError,
     LabelSetError and the ValueErrors of driver-side checks (they all run before Ray starts training); OSError a
@@ -159,8 +189,33 @@ def _finetune(args: argparse.Namespace) -> int:
     print(dice_table({cfg.name: result.metrics}))
     print(f"metrics: {result.output_dir / 'metrics.json'}")
     if result.run_id:
+        if not args.no_log_model:
+            print(f"MLflow model: {_log_model(result, args.register)}")
         print(mlflow_links(result.tracking_uri, result.run_id))
     return 0
+
+
+def _log_model(result, registered_name: str) -> str:
+    """The finished run's fold models as an MLflow pyfunc model (registered when a name is given)."""
+    from .deploy.mlflow_model import log_model
+    from .deploy.package import load_trained, write_package
+
+    model = load_trained(result.output_dir)
+    package = write_package(model, result.output_dir / "model_package")
+    return log_model(model, package, result.tracking_uri, result.run_id, registered_name)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .deploy.predict import PredictOptions, predict_cohort
+
+    folds = None if args.folds in ("", "all") else [int(v) for v in args.folds.split(",")]
+    options = PredictOptions(folds=folds, tta=args.tta, device=args.device, ct_grid=args.ct_grid,
+                             dicom_seg=not args.no_dicom_seg, overlays=not args.no_overlays, workers=args.workers,
+                             progress=not args.quiet)
+    summary = predict_cohort(args.model, args.input, args.out, options, args.tracking_uri)
+    print(summary.report)
+    print(f"records: {summary.out / 'predictions.jsonl'}   run: {summary.out / 'predict_run.json'}")
+    return summary.exit_code
 
 
 def mlflow_links(tracking_uri: str, run_id: str, trials: bool = False) -> str:
@@ -230,6 +285,8 @@ def _report_sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import json
 
+    if args.nnunet is not None and not args.runs:
+        raise ValueError("--nnunet goes with --runs NAME=FINETUNE_DIR (one table of both)")
     if args.sweep:
         return _report_sweep(args)
     runs = {}
@@ -239,8 +296,25 @@ def _report(args: argparse.Namespace) -> int:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: give NAME=DIR where DIR is a `swinssl finetune` output_dir")
         runs[name if folder else Path(name).name] = json.loads(path.read_text())
-    print(dice_table(runs))
+    nnunet = _nnunet_columns(args.nnunet or [], runs)
+    print(dice_table({**runs, **nnunet}))
+    for name, metrics in nnunet.items():
+        print(f"{name}: nnU-Net folds {', '.join(metrics['folds'])} of {metrics['source']} (per-case Dice re-scored "
+              "from its TP/FP/FN: NaN where the truth lacks the class, as ours)")
     return 0
+
+
+def _nnunet_columns(items: list[str], runs: dict) -> dict[str, dict]:
+    """`--nnunet NAME=DIR ...` as metrics.json-like dicts (see deploy/nnunet.py); a NAME also in --runs is refused."""
+    if not items:
+        return {}
+    from .deploy.nnunet import nnunet_runs
+
+    nnunet = nnunet_runs(items)
+    clash = sorted(set(nnunet) & set(runs))
+    if clash:
+        raise ValueError(f"--nnunet names {clash} are also --runs names: give each column its own NAME")
+    return nnunet
 
 
 def _count(text: str) -> int:
@@ -295,6 +369,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", required=True)
     export.set_defaults(run=_export)
 
+    bundle = verbs.add_parser("bundle", help="write one fold of a fine-tuned model as a MONAI bundle")
+    bundle.add_argument("model", help="finetune output_dir, model package, models:/NAME/VERSION, runs:/ID/model, "
+                        "run id")
+    bundle.add_argument("--out", required=True, help="bundle folder to create (new or empty)")
+    bundle.add_argument("--fold", type=int, default=None, help="fold to export (default: the model's first)")
+    bundle.add_argument("--tracking-uri", default="", help="MLflow URI for models:/ and run ids "
+                        "(default: MLFLOW_TRACKING_URI)")
+    bundle.set_defaults(run=_bundle)
+
+    nnu = verbs.add_parser("export-nnunet", help="the labelled cohort as an nnU-Net v2 raw dataset with our folds")
+    nnu.add_argument("prepared", help="output folder of `swinssl prepare`")
+    nnu.add_argument("--out", required=True, help="nnUNet_raw/DatasetXXX_Name (nnU-Net's Dataset<3 digits>_<name>)")
+    nnu.add_argument("--finetune", metavar="RUN_DIR", help="take the folds from this `swinssl finetune` output_dir")
+    nnu.add_argument("--folds", type=int, help="our folds computed with cv.folds=K (default 5)")
+    nnu.add_argument("--seed", type=int, help="cv.seed of the computed folds (default 0)")
+    nnu.add_argument("--preprocessed", metavar="DIR", help="also write DIR/DatasetXXX_Name/splits_final.json "
+                     "(default: $nnUNet_preprocessed when set)")
+    nnu.add_argument("--include-unlabelled", action="store_true", help="write unlabelled studies to imagesTs")
+    nnu.add_argument("--quiet", action="store_true", help="no progress bar")
+    nnu.set_defaults(run=_export_nnunet)
+
     pre = verbs.add_parser("pretrain", help="self-supervised pretraining on Ray Train")
     pre.add_argument("config", help="experiment YAML, e.g. experiments/pretrain.yaml")
     pre.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.steps=10")
@@ -303,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     fine = verbs.add_parser("finetune", help="cross-validated segmentation fine-tuning (scratch or pretrained)")
     fine.add_argument("config", help="experiment YAML, e.g. experiments/finetune.yaml")
     fine.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. encoder=runs/pt/encoder.pt")
+    fine.add_argument("--no-log-model", action="store_true", help="do not log the fold models as an MLflow model")
+    fine.add_argument("--register", default="", metavar="NAME", help="register the MLflow model under NAME")
     fine.set_defaults(run=_finetune)
 
     sweep = verbs.add_parser("sweep", help="Ray Tune study: each trial pretrains then fine-tunes with CV")
@@ -316,9 +413,28 @@ def build_parser() -> argparse.ArgumentParser:
     which = report.add_mutually_exclusive_group(required=True)
     which.add_argument("--runs", nargs="+", help="NAME=DIR pairs of `swinssl finetune` outputs")
     which.add_argument("--sweep", help="sweep run id, sweep run name, or sweep output folder")
+    report.add_argument("--nnunet", nargs="+", metavar="NAME=DIR", help="nnU-Net results folders "
+                        "(nnUNet_results/DatasetXXX_Name/<trainer>__<plans>__<config>) as extra columns of --runs")
     report.add_argument("--tracking-uri", default="", help="MLflow URI for --sweep (default: MLFLOW_TRACKING_URI)")
     report.add_argument("--out", default="", help="folder for the --sweep report files")
     report.set_defaults(run=_report)
+
+    pred = verbs.add_parser("predict", help="segment new studies with a fine-tuned model (labels, DICOM-SEG, PNGs)")
+    pred.add_argument("model", help="finetune output_dir, model package, models:/NAME/VERSION, runs:/ID/model, run id")
+    pred.add_argument("--input", required=True, help="studies: a DICOM tree, a folder in any layout `swinssl scan` "
+                      "finds, a cohort CSV, or a `swinssl prepare` output folder")
+    pred.add_argument("--out", required=True)
+    pred.add_argument("--folds", default="all", help="fold models to ensemble, e.g. 0,2 (default: all)")
+    pred.add_argument("--tta", action="store_true", help="flip test-time augmentation (8 mirrored passes)")
+    pred.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    pred.add_argument("--ct-grid", action="store_true", help="also write the labels on the original CT grid")
+    pred.add_argument("--no-dicom-seg", action="store_true", help="no DICOM-SEG for DICOM studies")
+    pred.add_argument("--no-overlays", action="store_true", help="no overlay PNGs")
+    pred.add_argument("--workers", type=_count, default=0, help="Ray actors (and prepare workers); 0 = in-process")
+    pred.add_argument("--tracking-uri", default="", help="MLflow URI for models:/ and run ids "
+                      "(default: MLFLOW_TRACKING_URI)")
+    pred.add_argument("--quiet", action="store_true", help="no progress bars")
+    pred.set_defaults(run=_predict)
     return parser
 
 

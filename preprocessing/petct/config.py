@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 from .labels import PSMA, LabelSet
@@ -105,3 +105,21 @@ class PrepareConfig:
     def to_dict(self) -> dict:
         """Plain-JSON form (`prepare_config.json`); the label set in `labels.json`'s form."""
         return {**asdict(self), "labels": self.labels.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PrepareConfig:
+        """Inverse of `to_dict` (extra keys such as `digest` ignored): new studies prepared like a cohort was."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for name in ("ct_window", "pet_window"):
+            if name in values:
+                values[name] = Window(**values[name])
+        if "registration" in values:
+            reg = dict(values["registration"])
+            for name in ("shrink_factors", "smoothing_sigmas_mm"):
+                if name in reg:
+                    reg[name] = tuple(reg[name])
+            values["registration"] = RegistrationConfig(**reg)
+        if "labels" in values:
+            values["labels"] = LabelSet.from_dict(values["labels"])
+        return cls(**values)

@@ -23,6 +23,8 @@ KINDS = (
     "label_values",  # a label value that is not in the label set (`prepare --labels`, default the 12 PSMA classes)
     "duplicate_id",  # two input rows share a study id
     "bad_id",  # a study id that cannot name a file (allowed: letters, digits, '.', '_', '-')
+    "not_dicom",  # `predict`: a DICOM-SEG was asked for but the PET is not a single-frame DICOM series (note only)
+    "prepare_mismatch",  # `predict`: a prepared study whose windows differ from the ones the model was trained on
     "internal",  # anything unexpected (a bug, not bad input): message carries the traceback summary
 )
 

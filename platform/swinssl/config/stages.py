@@ -59,6 +59,11 @@ class ModelConfig:
     use_v2: bool = False
     """SwinUNETR-V2 encoder (Hatamizadeh et al., MICCAI 2023): MONAI's residual conv block (`layers{i}c`) before
     each Swin stage. Recorded in encoder.pt; the fine-tuning's model.use_v2 must match it."""
+    fused_attention: bool = True
+    """Swin window attention through torch's scaled_dot_product_attention (relative-position bias and shifted-window
+    mask as its additive attn_mask), in training and inference (swinssl.models.fused_attention). On by default: equal
+    to MONAI's eager attention within float tolerance and faster in the benchmark (benchmarks/attention.py). Only
+    the forward changes: weights and state-dict keys stay MONAI's, so encoder.pt and checkpoints are unaffected."""
 
 
 @dataclass
@@ -178,7 +183,16 @@ class TrainerConfig:
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     """Extra Ray resources each Train worker asks for, e.g. {train_node: 1} to place one worker per node."""
     amp: Literal["bf16", "fp16", "none"] = "bf16"
-    """'bf16', 'fp16' or 'none'; only used on GPU."""
+    """Mixed precision of the forward pass and losses (torch.autocast): 'bf16', 'fp16' (with a GradScaler) or
+    'none'. Only on GPU unless amp_on_cpu."""
+    amp_on_cpu: bool = False
+    """Apply `amp` on CPU too (torch.autocast("cpu")): a test and diagnostic switch that makes the GPU's
+    mixed-precision code path (dtype bugs in heads and losses) run on a CPU; bf16 is slower than float32 on most
+    CPUs, so not for real training."""
+    compile: bool = False
+    """torch.compile the model (in place, `nn.Module.compile`, so checkpoints and encoder.pt keep their plain keys
+    and resume into an eager or compiled run alike). Off by default: compiling takes minutes on a CPU and the first
+    steps are slower (on a GPU it can pay off over a long run)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step (the effective batch is batch_size x num_workers x this)."""
     checkpoint_every: int = 1000
@@ -269,6 +283,13 @@ class PretrainConfig:
     export: Literal["last", "best_probe"] = "last"
     """Which weights become encoder.pt: 'last' (the final checkpoint) or 'best_probe' (the weights at the probe step
     with the highest probe/dice_mean, ties to the earlier step; needs probe.every > 0)."""
+    init_from: str = ""
+    """A checkpoint whose Swin encoder weights initialise the model before step 0 (an encoder.pt, a BTCV swinViT.*
+    checkpoint, or the published MONAI self-supervised model_swinvit.pt); the heads stay random. '' starts from
+    random weights. A resumed run keeps its checkpoint's weights."""
+    init_pet_channel: Literal["zeros", "copy_ct"] = "zeros"
+    """When init_from's patch embedding has 1 input channel (CT) and the model more: the PET channel's weights start
+    as 'zeros' (the model then computes the 1-channel network's features from the CT at step 0) or 'copy_ct'."""
 
 
 @dataclass
@@ -300,6 +321,11 @@ class SegModelConfig:
     use_v2: bool = False
     """SwinUNETR-V2 (MONAI `SwinUNETR(use_v2=True)`: a residual conv block before each Swin stage); must match a
     pretrained encoder's (encoder.pt records it), a V1/V2 mismatch is refused before training."""
+    fused_attention: bool = True
+    """Swin window attention through torch's scaled_dot_product_attention (relative-position bias and shifted-window
+    mask as its additive attn_mask), in training, evaluation and `swinssl predict` (swinssl.models.fused_attention).
+    On by default: equal to MONAI's eager attention within float tolerance and faster in the benchmark
+    (benchmarks/attention.py). Only the forward changes: the state dict is MONAI SwinUNETR's."""
 
 
 @dataclass
@@ -353,6 +379,10 @@ class FinetuneConfig:
     """Path to an `encoder.pt`, an MLflow run id holding one, or '' for training from scratch."""
     freeze_encoder_steps: int = 0
     """Keep the pretrained encoder fixed (lr 0) for this many steps while the decoder adapts."""
+    init_pet_channel: Literal["zeros", "copy_ct"] = "zeros"
+    """When the encoder's patch embedding has 1 input channel (CT, e.g. the published MONAI self-supervised
+    model_swinvit.pt) and the model more: the PET channel's weights start as 'zeros' (the net then computes the
+    1-channel network's features from the CT) or 'copy_ct'."""
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     """Labelled studies and their training crops."""
     model: SegModelConfig = field(default_factory=SegModelConfig)

@@ -42,19 +42,26 @@ carry them:
 A V1 file in a V2 net (or the reverse) is refused by :func:`load_encoder_into_swinunetr` with
 :class:`EncoderVariantError`, naming both variants; the variant of a file is read from its keys (files written
 before ``use_v2`` was recorded are V1 unless they hold ``layers{i}c`` tensors).
+
+A 1-channel (CT) file, such as the published MONAI self-supervised weights, loads into our 2-channel nets with its
+patch embedding widened by the rule of :mod:`swinssl.models.public_weights` (``pet_channel``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .public_weights import PATCH_EMBEDDING, inflate_patch_embedding
 
 __all__ = [
     "FORMAT",
@@ -62,13 +69,16 @@ __all__ = [
     "encoder_state_dict_swinvit",
     "save_encoder",
     "swinvit_state_from_checkpoint",
+    "load_encoder",
     "load_encoder_into_swinunetr",
+    "EncoderLoad",
     "check_loaded",
     "EncoderVariantError",
     "is_v2_state",
 ]
 
 FORMAT = "swinssl.encoder/1"
+_LOG = logging.getLogger(__name__)
 _PREFIX = "swinViT."
 # MONAI's MLPBlock names its layers linear1/linear2; the load_from file layout (the released model_swinvit.pt) says
 # fc1/fc2. The dots on both sides keep the rename from touching anything else.
@@ -293,36 +303,32 @@ def check_loaded(net: nn.Module, state: Mapping[str, Tensor], keys: Iterable[str
         )
 
 
-def load_encoder_into_swinunetr(net: nn.Module, path: str | os.PathLike[str], strict_encoder: bool = True) -> list[str]:
-    """Load pretrained encoder weights into ``net.swinViT`` (a MONAI SwinUNETR) and verify they landed.
+@dataclass(frozen=True)
+class EncoderLoad:
+    """What :func:`load_encoder` did: the ``swinViT.*`` keys loaded (net order) and the patch-embedding rule applied
+    (:func:`swinssl.models.public_weights.inflate_patch_embedding`), for the run's log and parameters."""
 
-    Args:
-        net: the fine-tuning network.
-        path: a file from :func:`save_encoder`, a BTCV-style ``swinViT.*`` checkpoint, or a ``load_from`` layout one.
-        strict_encoder: require a one-to-one match between the checkpoint's encoder keys and ``net.swinViT``'s.
-            When False, keys present on only one side are skipped, but at least one must load.
+    keys: list[str]
+    patch_embedding: str
 
-    Returns:
-        The ``swinViT.*`` keys that were loaded, in the net's order.
 
-    Raises:
-        EncoderVariantError: (a ValueError) when the checkpoint is SwinUNETR-V2 and the net V1, or the reverse (also
-            with ``strict_encoder=False``: a half-V2 encoder is never what was meant).
-        ValueError: on any shape mismatch (e.g. feature_size 24 vs 48, in_channels 1 vs 2, another window size), on
-            missing/unexpected encoder keys when ``strict_encoder``, or when nothing could be loaded.
-    """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    src = swinvit_state_from_checkpoint(ckpt)
-    enc = _encoder(net)
-    target = {_PREFIX + k: v for k, v in enc.state_dict().items()}
-    _check_variant(ckpt, src, enc, path)
-
-    saved = ""
+def _load_context(ckpt: Any, src: Mapping[str, Tensor], enc: nn.Module, path: str | os.PathLike[str]) -> str:
+    """What the file and the net are, for error messages (the published weights carry no metadata: read the
+    patch embedding's shape, (feature_size, in_channels, ...))."""
     if isinstance(ckpt, Mapping) and "feature_size" in ckpt:
         saved = (f"checkpoint saved with feature_size={ckpt.get('feature_size')}, in_channels={ckpt.get('in_channels')}"
                  f", use_v2={is_v2_state(src)}")
-    context = f"{path}: {saved or 'checkpoint'}; net has {_net_summary(enc)}"
+    elif src.get(PATCH_EMBEDDING) is not None and src[PATCH_EMBEDDING].ndim >= 2:
+        shape = src[PATCH_EMBEDDING].shape
+        saved = f"checkpoint with feature_size={shape[0]}, in_channels={shape[1]}, use_v2={is_v2_state(src)}"
+    else:
+        saved = "checkpoint"
+    return f"{path}: {saved}; net has {_net_summary(enc)}"
 
+
+def _check_shapes_and_keys(src: Mapping[str, Tensor], target: Mapping[str, Tensor], context: str,
+                           strict_encoder: bool) -> list[str]:
+    """The keys to load; ValueError on any shape mismatch, on one-sided keys when ``strict_encoder``, or on none."""
     mismatched = [
         f"{k}: checkpoint {tuple(src[k].shape)} vs net {tuple(t.shape)}"
         for k, t in target.items()
@@ -342,7 +348,48 @@ def load_encoder_into_swinunetr(net: nn.Module, path: str | os.PathLike[str], st
     loaded = [k for k in target if k in src]
     if not loaded:
         raise ValueError(f"no encoder tensor of the checkpoint matches the net ({context})")
-
-    enc.load_state_dict({k[len(_PREFIX) :]: src[k] for k in loaded}, strict=False)
-    check_loaded(net, src, loaded)
     return loaded
+
+
+def load_encoder(net: nn.Module, path: str | os.PathLike[str], strict_encoder: bool = True,
+                 pet_channel: str = "zeros") -> EncoderLoad:
+    """Load pretrained encoder weights into ``net.swinViT`` (a MONAI SwinUNETR or an SSLModel) and verify they landed.
+
+    Args:
+        net: the network whose ``swinViT`` receives the weights.
+        path: a file from :func:`save_encoder`, a BTCV-style ``swinViT.*`` checkpoint, or a ``load_from`` layout one
+            (the published MONAI self-supervised ``model_swinvit.pt`` included; its other keys, heads, are ignored).
+        strict_encoder: require a one-to-one match between the checkpoint's encoder keys and ``net.swinViT``'s.
+            When False, keys present on only one side are skipped, but at least one must load.
+        pet_channel: how a 1-channel (CT) checkpoint's patch embedding is widened to the net's channels: "zeros" or
+            "copy_ct" (:mod:`swinssl.models.public_weights`); a file with the net's channels loads as saved.
+
+    Raises:
+        EncoderVariantError: (a ValueError) when the checkpoint is SwinUNETR-V2 and the net V1, or the reverse (also
+            with ``strict_encoder=False``: a half-V2 encoder is never what was meant).
+        ValueError: on input channels that cannot be widened (not 1 in the file), on any other shape mismatch (e.g.
+            feature_size 24 vs 48, another window size), on missing/unexpected encoder keys when
+            ``strict_encoder``, or when nothing could be loaded.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    src = swinvit_state_from_checkpoint(ckpt)
+    enc = _encoder(net)
+    target = {_PREFIX + k: v for k, v in enc.state_dict().items()}
+    _check_variant(ckpt, src, enc, path)
+    context = _load_context(ckpt, src, enc, path)
+    src, rule = inflate_patch_embedding(src, int(enc.patch_embed.proj.in_channels), pet_channel, where=context)
+    loaded = _check_shapes_and_keys(src, target, context, strict_encoder)
+    enc.load_state_dict({k[len(_PREFIX) :]: src[k] for k in loaded}, strict=False)
+    check_loaded(net, src, loaded)  # every tensor, the widened patch embedding included
+    _LOG.info("encoder %s: %d tensors loaded, %s", path, len(loaded), rule)
+    return EncoderLoad(loaded, rule)
+
+
+def load_encoder_into_swinunetr(net: nn.Module, path: str | os.PathLike[str], strict_encoder: bool = True,
+                                pet_channel: str = "zeros") -> list[str]:
+    """:func:`load_encoder`, returning the ``swinViT.*`` keys that were loaded, in the net's order.
+
+    A file with the net's input channels loads as saved; a 1-channel (CT) one has its patch embedding widened by
+    ``pet_channel`` (the rule applied is logged; :func:`load_encoder` returns it). Raises as :func:`load_encoder`.
+    """
+    return load_encoder(net, path, strict_encoder, pet_channel).keys

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, PretrainConfig
+from ..models.fused_attention import use_fused_attention
 from ..models.ssl_head import SSLModel, check_input_shape
 from . import registry
 from .base import Task
@@ -58,17 +59,38 @@ class PretrainTask(Task):
         self.copies = 2 if any(t.pair for t in self.tasks) else 1
         self.shared = [t for t in self.tasks if t.own_view is None]
         self.own = [t for t in self.tasks if t.own_view is not None]
+        self.init_rule = ""
+        """What `build_model` did with init_from's patch embedding ('' until it loaded one)."""
 
     @property
     def heads(self) -> list[str]:
         """Names of the active tasks (= the model's heads), in build order: part of the checkpoint signature."""
         return [t.name for t in self.tasks]
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, init: bool = True) -> nn.Module:
+        """The SSLModel; with `init` and `init_from` set, its encoder loaded from that file (heads stay random).
+
+        `init_rule` then says what was done with the patch embedding. A resumed run is unaffected: the loop restores
+        its checkpoint into this model afterwards (`train.loop.run`), so the checkpoint's weights win. `init=False`
+        (a checkpoint is about to be loaded: export) skips reading the file."""
         m = self.cfg.model
-        return SSLModel(in_channels=m.in_channels, feature_size=m.feature_size, drop_path_rate=m.drop_path_rate,
-                        use_checkpoint=m.use_checkpoint, use_v2=m.use_v2,
-                        heads=lambda width: {t.name: t.head(self.cfg, width) for t in self.tasks})
+        model = SSLModel(in_channels=m.in_channels, feature_size=m.feature_size, drop_path_rate=m.drop_path_rate,
+                         use_checkpoint=m.use_checkpoint, use_v2=m.use_v2,
+                         heads=lambda width: {t.name: t.head(self.cfg, width) for t in self.tasks})
+        use_fused_attention(model, m.fused_attention)  # forward only: encoder.pt keys stay MONAI's
+        if init and self.cfg.init_from:
+            self.init_rule = self._init_encoder(model)
+        return model
+
+    def _init_encoder(self, model: nn.Module) -> str:
+        """Load init_from into model.swinViT (every tensor checked); a V1/V2 mismatch is a ConfigError."""
+        from ..models.encoder_io import EncoderVariantError, load_encoder
+
+        try:
+            return load_encoder(model, self.cfg.init_from, pet_channel=self.cfg.init_pet_channel).patch_embedding
+        except EncoderVariantError as exc:  # the key to change is model.use_v2
+            raise ConfigError(f"model.use_v2: {self.cfg.model.use_v2} does not match init_from={self.cfg.init_from} "
+                              f"({exc})") from None
 
     def _views(self, x: Tensor, generator: torch.Generator) -> Views:
         p, dims = self.cfg.pretext, tuple(self.cfg.pretext.rotation_dims)

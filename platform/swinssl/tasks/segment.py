@@ -1,7 +1,9 @@
 """Segmentation fine-tuning task: MONAI SwinUNETR (2 -> 12 classes), DiceCE, flips + intensity augmentation.
 
 The encoder comes from a pretrained `encoder.pt` (every `swinViT.*` weight must load: `load_encoder_into_swinunetr`
-raises otherwise; a V1/V2 mismatch with `model.use_v2` is a ConfigError) or is trained from scratch.
+raises otherwise; a V1/V2 mismatch with `model.use_v2` is a ConfigError) or is trained from scratch. A 1-channel
+(CT) encoder, e.g. the published MONAI self-supervised weights, gets its PET channel by `init_pet_channel`
+(`models.public_weights`).
 `freeze_encoder_steps` keeps it fixed (lr 0, so no weight decay either) while the randomly initialised decoder
 adapts; DDP is untouched because gradients still flow.
 """
@@ -14,6 +16,7 @@ from monai.networks.nets import SwinUNETR
 from torch import Tensor, nn
 
 from ..config import ConfigError, FinetuneConfig
+from ..models.fused_attention import use_fused_attention
 from ..models.ssl_head import check_input_shape
 from .base import Task
 from .seg_augment import random_flip, random_intensity
@@ -28,6 +31,8 @@ class SegmentationTask(Task):
             raise ValueError(f"data.roi={cfg.data.roi}: SwinUNETR's instance-normalised decoder needs every crop "
                              f"side >= 64 (and divisible by 32)")
         self.cfg, self.encoder_path = cfg, encoder_path or None
+        self.init_rule = ""
+        """What `build_model` did with the encoder's patch embedding ('' until it loaded one), for the run's record."""
         self.dice = DiceLoss(to_onehot_y=True, softmax=True)
         self.cross_entropy = nn.CrossEntropyLoss()
 
@@ -37,13 +42,15 @@ class SegmentationTask(Task):
                         drop_rate=0.0, dropout_path_rate=m.drop_path_rate, use_checkpoint=m.use_checkpoint,
                         use_v2=m.use_v2)
         if self.encoder_path:
-            from ..models.encoder_io import EncoderVariantError, load_encoder_into_swinunetr
+            from ..models.encoder_io import EncoderVariantError, load_encoder
 
             try:
-                load_encoder_into_swinunetr(net, self.encoder_path)
+                self.init_rule = load_encoder(net, self.encoder_path, pet_channel=self.cfg.init_pet_channel
+                                              ).patch_embedding
             except EncoderVariantError as exc:  # a config problem: the key to change is model.use_v2
                 raise ConfigError(f"model.use_v2: {m.use_v2} does not match encoder={self.encoder_path} ({exc})"
                                   ) from None
+        use_fused_attention(net, m.fused_attention)  # forward only: the state dict stays MONAI's
         return net
 
     def param_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:

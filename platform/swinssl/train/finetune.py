@@ -2,10 +2,11 @@
 on Ray Train (same worker and loop as pretraining) and evaluated by a Ray task; results in metrics.json + MLflow.
 
 Outputs under `output_dir`: `config.yaml` (resolved: `model.out_channels` is the label set's number of classes),
-`labels.json` (the label set of data.root), `folds.json` (the split), `fold_<k>/metrics.json` (one fold: resume
-marker), `ray/fold_<k>/checkpoint_*`, `predictions/<study>.nii.gz` (PET grid, as `swinssl export`), `overlays/`,
-`dice_per_class.png`, `metrics.json`: `labels`, `metric_families`, then `{family: {key: value}}` per study
-(`studies`), per fold (`folds`) and mean/std across folds (`summary`); see swinssl.eval.families.
+`labels.json` (the label set of data.root), `prepare_config.json` (a copy of data.root's), `folds.json` (the split),
+`fold_<k>/metrics.json` (one fold: resume marker), `ray/fold_<k>/checkpoint_*`, `predictions/<study>.nii.gz` (PET
+grid, as `swinssl export`), `overlays/`, `dice_per_class.png`, `metrics.json`: `labels`, `metric_families`, then
+`{family: {key: value}}` per study (`studies`), per fold (`folds`) and mean/std across folds (`summary`); see
+swinssl.eval.families. A finished run can be logged as an MLflow model (`model/`, see swinssl.deploy).
 
 The class set is data: every stage reads it from `labels.json` of data.root (`petct.labels.read_label_set`; the
 PSMA set when there is none). Folds are grouped by patient (the manifest's `patient_id`: no patient is in both
@@ -297,8 +298,8 @@ def _log_fold(child: dict, metrics: dict) -> None:
     finish_run(child["uri"], child["run_id"])
 
 
-def _open_parent(cfg: FinetuneConfig, output_dir: Path, encoder_source: str, n_studies: int, labels: LabelSet
-                 ) -> dict | None:
+def _open_parent(cfg: FinetuneConfig, output_dir: Path, encoder_source: str, n_studies: int, labels: LabelSet,
+                 init_rule: str = "") -> dict | None:
     if not cfg.tracking.enabled:
         return None
     from ..tracking.mlflow_run import log_artifact, open_run, resolve_tracking_uri
@@ -306,7 +307,8 @@ def _open_parent(cfg: FinetuneConfig, output_dir: Path, encoder_source: str, n_s
     uri = resolve_tracking_uri(cfg.tracking, output_dir)
     name = cfg.tracking.run_name or cfg.name
     params = {**flatten(cfg), "encoder_source_run": encoder_source, "init": "pretrained" if cfg.encoder else
-              "scratch", "data.num_labeled": n_studies, "data.classes": _classes(labels)}
+              "scratch", "data.num_labeled": n_studies, "data.classes": _classes(labels),
+              **({"encoder.patch_embedding": init_rule} if init_rule else {})}
     run_id = open_run(uri, cfg.tracking.experiment, name, output_dir, params,
                       tags={"swinssl.kind": "finetune", "swinssl.init": params["init"]},
                       parent_run_id=os.environ.get("SWINSSL_PARENT_RUN_ID"))
@@ -344,6 +346,14 @@ def _report(cfg, output_dir: Path, folds_done: dict, encoder_path, encoder_sourc
     return json.loads((output_dir / "metrics.json").read_text())
 
 
+def _keep_prepare_settings(root: Path, output_dir: Path) -> None:
+    """A copy of data.root's prepare_config.json: `swinssl predict` prepares new studies the same way even after
+    the training data has moved."""
+    source = root / "prepare_config.json"
+    if source.exists():
+        atomic_write_json(output_dir / "prepare_config.json", json.loads(source.read_text()))
+
+
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Cross-validated fine-tuning end to end (resumable fold by fold); see the module docstring for outputs."""
     from petct.raylocal import ensure_ray
@@ -352,6 +362,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     folds = make_folds(cfg, studies, labels)
     save_config(cfg, output_dir / "config.yaml")
     write_label_set(labels, output_dir)
+    _keep_prepare_settings(Path(cfg.data.root), output_dir)
     patient_of = {s.study_id: s.patient_id or s.study_id for s in studies}
     indices = range(cfg.cv.folds) if cfg.cv.fold == -1 else [cfg.cv.fold]
     train = {str(k): labelled_subset(cfg.cv, k, fold_train_val(folds, k)[0], patient_of) for k in indices}
@@ -364,8 +375,9 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
 
         uri_hint = resolve_tracking_uri(cfg.tracking, output_dir)
     encoder_path, encoder_source = resolve_encoder(cfg.encoder, uri_hint, output_dir)
-    SegmentationTask(cfg, encoder_path).build_model()  # a mismatched encoder fails here, before any worker
-    parent = _open_parent(cfg, output_dir, encoder_source, len(studies), labels)
+    task = SegmentationTask(cfg, encoder_path)
+    task.build_model()  # a mismatched encoder fails here, before any worker
+    parent = _open_parent(cfg, output_dir, encoder_source, len(studies), labels, task.init_rule)
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 2 * cfg.data.read_cpus)
     by_id = {s.study_id: s for s in studies}
     try:

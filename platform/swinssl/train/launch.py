@@ -4,13 +4,14 @@ TorchTrainer on the Ray Data crop stream, then turn the final checkpoint into `e
 Outputs under `output_dir`: `config.yaml` (resolved), `ray/<name>/checkpoint_*` (Ray Train storage: re-running
 with the same output_dir resumes), `encoder.pt` (MONAI `load_from` + BTCV layouts), `mlflow_run.json`, `result.json`,
 and with `probe.every` > 0 `probe/` (see train.probe); `export: best_probe` makes encoder.pt from the best probe's
-weights instead of the last checkpoint's."""
+weights instead of the last checkpoint's. With `init_from` the encoder starts from that file's weights (checked
+here, before Ray; a resumed run keeps its checkpoint's)."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,27 @@ def _data_problems(cfg: PretrainConfig, known: set[str]) -> tuple[list, list[str
     return studies, []
 
 
+def _init_problems(cfg: PretrainConfig) -> list[str]:
+    """init_from must name a readable file (checked on the driver: the workers read it)."""
+    if not cfg.init_from or Path(cfg.init_from).is_file():
+        return []
+    return [f"init_from: {cfg.init_from} not found (a checkpoint file: an encoder.pt, a BTCV swinViT.* checkpoint or "
+            f"the published MONAI model_swinvit.pt; '' starts from random weights)"]
+
+
+def _check_init(task: PretrainTask) -> None:
+    """Load init_from into a throwaway model now, so a file that does not fit (channels, feature size, variant) is a
+    config problem before Ray starts; sets `task.init_rule` for the run's parameters."""
+    if not task.cfg.init_from:
+        return
+    try:
+        task.build_model()
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"init_from: {exc}") from None
+
+
 def _validate(cfg: PretrainConfig) -> tuple[PretrainTask, list, Path]:
     """Every config and data problem at once (one ConfigError), before Ray starts."""
     required = [f"{key}: required ({hint})" for key, hint in (
@@ -102,8 +124,10 @@ def _validate(cfg: PretrainConfig) -> tuple[PretrainTask, list, Path]:
     from .probe import probe_problems
 
     checked = not any(key == "data.root" or key.startswith("probe.") for key in known)
-    validate(cfg, extra=required + found + (probe_problems(cfg) if checked else []))
-    return PretrainTask(cfg), studies, Path(cfg.output_dir).resolve()
+    validate(cfg, extra=required + found + (probe_problems(cfg) if checked else []) + _init_problems(cfg))
+    task = PretrainTask(cfg)
+    _check_init(task)
+    return task, studies, Path(cfg.output_dir).resolve()
 
 
 def scaling_config(cfg):
@@ -166,13 +190,15 @@ def chaos_config(cfg, output_dir: Path) -> dict | None:
     return {"kill_step": step, "rank": cfg.trainer.num_workers - 1, "marker": str(output_dir / ".chaos_fired")}
 
 
-def _open_tracking(cfg: PretrainConfig, output_dir: Path, studies: list, parent_run_id: str | None) -> dict | None:
+def _open_tracking(cfg: PretrainConfig, output_dir: Path, studies: list, parent_run_id: str | None,
+                   init_rule: str = "") -> dict | None:
     if not cfg.tracking.enabled:
         return None
     from ..tracking.mlflow_run import log_artifact, open_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking, output_dir)
-    params = {**flatten(cfg), "data.num_studies": len(studies)}
+    params = {**flatten(cfg), "data.num_studies": len(studies),
+              **({"init_from.patch_embedding": init_rule} if init_rule else {})}
     run_id = open_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name, output_dir, params,
                       tags={"swinssl.kind": "pretrain"},
                       parent_run_id=parent_run_id or os.environ.get("SWINSSL_PARENT_RUN_ID"))
@@ -184,7 +210,7 @@ def export_encoder(cfg: PretrainConfig, task: PretrainTask, checkpoint_dir: str 
     from ..models.encoder_io import save_encoder
 
     state = load_state(checkpoint_dir)
-    model = task.build_model()
+    model = task.build_model(init=False)  # every weight comes from the checkpoint
     model.load_state_dict(state["model"])
     return save_encoder(model, path, extra={"step": int(state["loop"]["step"]), "source": "swinssl.pretrain",
                                             "roi": list(cfg.data.roi), "export": cfg.export})
@@ -223,10 +249,12 @@ def pretrain(cfg: PretrainConfig, parent_run_id: str | None = None, callbacks: l
 
     `parent_run_id`: nest the MLflow run (else SWINSSL_PARENT_RUN_ID); `callbacks`: Ray Train UserCallbacks (a
     sweep trial passes Tune's TuneReportCallback so rank 0's metrics reach the scheduler)."""
+    if cfg.init_from:  # the workers' working directory is not the driver's
+        cfg = replace(cfg, init_from=str(Path(cfg.init_from).resolve()))
     task, studies, output_dir = _validate(cfg)
     latest = check_resumable(cfg, output_dir)
     save_config(cfg, output_dir / "config.yaml")
-    tracking = _open_tracking(cfg, output_dir, studies, parent_run_id)
+    tracking = _open_tracking(cfg, output_dir, studies, parent_run_id, task.init_rule)
     if latest is not None and load_meta(latest).get("step", 0) >= cfg.trainer.steps:
         # a rerun of a finished command: nothing to launch, re-export from the last checkpoint
         encoder = export_encoder(cfg, task, export_source(cfg, output_dir, latest), output_dir / "encoder.pt")
