@@ -62,8 +62,9 @@ class ModelConfig:
     fused_attention: bool = True
     """Swin window attention through torch's scaled_dot_product_attention (relative-position bias and shifted-window
     mask as its additive attn_mask), in training and inference (swinssl.models.fused_attention). On by default: equal
-    to MONAI's eager attention within float tolerance and faster in the benchmark (benchmarks/attention.py). Only
-    the forward changes: weights and state-dict keys stay MONAI's, so encoder.pt and checkpoints are unaffected."""
+    to MONAI's eager attention within float tolerance and faster in the benchmark (benchmarks/attention.py); float32
+    training on a CPU, where SDPA is not faster, keeps MONAI's forward. Only the forward changes: weights and
+    state-dict keys stay MONAI's, so encoder.pt and checkpoints are unaffected."""
 
 
 @dataclass
@@ -193,6 +194,10 @@ class TrainerConfig:
     """torch.compile the model (in place, `nn.Module.compile`, so checkpoints and encoder.pt keep their plain keys
     and resume into an eager or compiled run alike). Off by default: compiling takes minutes on a CPU and the first
     steps are slower (on a GPU it can pay off over a long run)."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """torch.compile backend with `compile`: 'inductor' (PyTorch's default, generates kernels); 'aot_eager' and
+    'eager' trace the model but run PyTorch's own kernels, PyTorch's way to tell which stage of a failing compile
+    is at fault (and fast to compile in tests)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step (the effective batch is batch_size x num_workers x this)."""
     checkpoint_every: int = 1000
@@ -325,7 +330,8 @@ class SegModelConfig:
     """Swin window attention through torch's scaled_dot_product_attention (relative-position bias and shifted-window
     mask as its additive attn_mask), in training, evaluation and `swinssl predict` (swinssl.models.fused_attention).
     On by default: equal to MONAI's eager attention within float tolerance and faster in the benchmark
-    (benchmarks/attention.py). Only the forward changes: the state dict is MONAI SwinUNETR's."""
+    (benchmarks/attention.py); float32 training on a CPU, where SDPA is not faster, keeps MONAI's forward. Only the
+    forward changes: the state dict is MONAI SwinUNETR's."""
 
 
 @dataclass
