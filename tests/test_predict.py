@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from image_checks import assert_same_geometry, read_labels
 from petct.export import manifest_records
 from petct.shards import read_shard
 from swinssl.cli import main
@@ -33,17 +34,6 @@ def finetuned(prepared, tmp_path_factory):
                  "trainer.checkpoint_every=3", "--register", REGISTERED])
     assert code == 0
     return base / "run", uri
-
-
-def _labels(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def _same_geometry(a: sitk.Image, b: sitk.Image) -> None:
-    assert a.GetSize() == b.GetSize()
-    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
-    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
-    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
 
 
 def _labelled_raw_csv(cohort: Path, out: Path) -> Path:
@@ -89,8 +79,8 @@ def test_predict_equals_the_finetune_evaluation_from_raw_and_prepared_input(fine
         assert summary.exit_code == 0 and {r["status"] for r in summary.records} == {"ok"}
         for study in folds[k]:
             ours, theirs = summary.out / "labels" / f"{study}.nii.gz", run / "predictions" / f"{study}.nii.gz"
-            assert np.array_equal(_labels(ours), _labels(theirs)), (k, study)
-            _same_geometry(sitk.ReadImage(str(ours)), sitk.ReadImage(str(theirs)))
+            assert np.array_equal(read_labels(ours), read_labels(theirs)), (k, study)
+            assert_same_geometry(sitk.ReadImage(str(ours)), sitk.ReadImage(str(theirs)))
 
 
 def _one_study(prepared: Path, record: dict, out: Path) -> Path:
@@ -120,7 +110,7 @@ def test_mlflow_model_registered_loads_and_predicts_the_same_labels(finetuned, p
     out = tmp_path / "cli"
     assert main(["predict", f"models:/{REGISTERED}/1", "--input", str(one), "--out", str(out),
                  "--tracking-uri", uri, "--quiet", "--no-overlays", "--no-dicom-seg"]) == 0
-    ours = _labels(out / "labels" / f"{record['study_id']}.nii.gz")
+    ours = read_labels(out / "labels" / f"{record['study_id']}.nii.gz")
     labels = pyfunc.predict(study.image[None], params={"folds": "all"})
     assert labels.dtype == np.uint8 and labels.shape == (1, *study.image.shape[1:])
     assert np.array_equal(labels[0], ours)
@@ -128,6 +118,6 @@ def test_mlflow_model_registered_loads_and_predicts_the_same_labels(finetuned, p
     fold0 = predict_cohort(str(run), one, tmp_path / "f0", PredictOptions(folds=[0], dicom_seg=False,
                                                                                 overlays=False, progress=False))
     assert fold0.exit_code == 0
-    assert np.array_equal(single, _labels(tmp_path / "f0" / "labels" / f"{record['study_id']}.nii.gz"))
+    assert np.array_equal(single, read_labels(tmp_path / "f0" / "labels" / f"{record['study_id']}.nii.gz"))
     run_record = json.loads((out / "predict_run.json").read_text())
     assert run_record["model"]["model_uri"] == f"models:/{REGISTERED}/1" and run_record["folds"] == [0, 1]

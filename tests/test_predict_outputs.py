@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from image_checks import assert_same_geometry
 from petct.config import PrepareConfig
 from petct.export import manifest_records
 from petct.labels import PSMA
@@ -44,17 +45,6 @@ def package(tmp_path_factory) -> Path:
         torch.save(SegmentationTask(cfg, None).build_model().state_dict(), weights[k])
     model = TrainedModel(cfg, PSMA, PrepareConfig(qc_png=False).to_dict(), weights, {"note": "random weights"})
     return write_package(model, base / "package")
-
-
-def _labels(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def _same_geometry(a: sitk.Image, b: sitk.Image) -> None:
-    assert a.GetSize() == b.GetSize()
-    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
-    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
-    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
 
 
 def test_package_round_trip(package, tmp_path):
@@ -118,7 +108,7 @@ def _check_seg(seg_path: Path, labels_path: Path, pet_folder: Path, class_names:
     assert raw.ReferencedSeriesSequence[0].SeriesInstanceUID == datasets[0].SeriesInstanceUID
     assert [s.SegmentLabel for s in raw.SegmentSequence] == class_names
     labels = sitk.ReadImage(str(labels_path))
-    _same_geometry(labels, pet)
+    assert_same_geometry(labels, pet)
     array = sitk.GetArrayFromImage(labels)
     referenced = {uid for _, _, uid in seg.get_source_image_uids()}
     assert referenced <= {ds.SOPInstanceUID for ds in datasets}
@@ -170,7 +160,7 @@ def test_predict_a_dicom_study_cli_with_seg_and_ct_grid(package, tmp_path):
                [model.labels.name(c) for c in model.labels.foreground])
     ct_reader = sitk.ImageSeriesReader()
     ct_reader.SetFileNames(ct_reader.GetGDCMSeriesFileNames(record["ct_path"]))
-    _same_geometry(sitk.ReadImage(str(out / "labels_ct" / f"{sid}.nii.gz")), ct_reader.Execute())
+    assert_same_geometry(sitk.ReadImage(str(out / "labels_ct" / f"{sid}.nii.gz")), ct_reader.Execute())
     _check_ct_grid(out / "labels_ct" / f"{sid}.nii.gz", out / "labels" / f"{sid}.nii.gz", record)
     run_record = json.loads((out / "predict_run.json").read_text())
     assert run_record["folds"] == [0] and run_record["model_spec"] == str(run)

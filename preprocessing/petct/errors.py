@@ -45,3 +45,17 @@ def too_large(study_id: str, where: str, size_xyz: tuple[int, int, int], max_byt
     return StudyError(study_id, "too_large", f"{where}: {size_xyz[0]}x{size_xyz[1]}x{size_xyz[2]} voxels = "
                       f"{nbytes / 2**20:.0f} MiB as float32, above the budget of {max_bytes / 2**20:.0f} MiB; raise "
                       "PrepareConfig.max_volume_mib (`swinssl prepare --max-volume-mib`) if the machine has the memory")
+
+
+def failure_fields(exc: BaseException) -> dict[str, str]:
+    """`status`/`error_kind`/`error` of a record for a study whose processing raised `exc`: a StudyError's own kind
+    and message, anything else 'internal' with the exception and where it happened (a bug must not take the cohort
+    down, and the record must say where to look)."""
+    if isinstance(exc, StudyError):
+        return {"status": "failed", "error_kind": exc.kind, "error": exc.message}
+    import traceback
+    from pathlib import Path
+
+    where = traceback.extract_tb(exc.__traceback__)[-1]
+    return {"status": "failed", "error_kind": "internal",
+            "error": f"{type(exc).__name__}: {exc} ({Path(where.filename).name}:{where.lineno})"[:500]}

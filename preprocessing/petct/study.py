@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import SimpleITK as sitk
 
 from .config import PrepareConfig
 from .dicom_read import GEOMETRY_KEY
-from .errors import StudyError
+from .errors import StudyError, failure_fields
 from .io import hash_source, read_ct, read_label, read_pet
 from .labels import LabelSet
 from .normalise import normalise
@@ -143,12 +142,8 @@ def run_study(source: StudySource, layout: OutputLayout, cfg: PrepareConfig, con
     try:
         record.update(_prepare(source, layout, cfg, timer))
         record.update(status="ok", error_kind="", error="")
-    except StudyError as exc:
-        record.update(status="failed", error_kind=exc.kind, error=exc.message)
-    except Exception as exc:  # a bug must not take the cohort down: record it with where it happened
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        record.update(status="failed", error_kind="internal",
-                      error=f"{type(exc).__name__}: {exc} ({Path(where.filename).name}:{where.lineno})"[:500])
+    except Exception as exc:  # StudyError: its kind; anything else 'internal' (see failure_fields)
+        record.update(failure_fields(exc))
     record["timings_s"] = {k: round(v, 4) for k, v in timer.items()}
     record["prepared_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     atomic_write_json(layout.record(source.study_id), record, layout.tmp)

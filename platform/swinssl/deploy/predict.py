@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import SimpleITK as sitk
 import torch
 
 from petct.config import PrepareConfig
-from petct.errors import StudyError
+from petct.errors import StudyError, failure_fields
 from petct.export import manifest_records
 from petct.shards import atomic_write_json, atomic_write_text, read_shard
 
@@ -141,12 +140,8 @@ class StudyPredictor:
         row = {"study_id": sid, "order": record.get("order", 0), "status": "ok", "error_kind": "", "error": ""}
         try:
             row.update(self._predict(record))
-        except StudyError as exc:
-            row.update(status="failed", error_kind=exc.kind, error=exc.message)
-        except Exception as exc:  # a bug must not take the cohort down: record it with where it happened
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            row.update(status="failed", error_kind="internal",
-                       error=f"{type(exc).__name__}: {exc} ({Path(where.filename).name}:{where.lineno})"[:500])
+        except Exception as exc:  # StudyError: its kind; anything else 'internal' (petct.errors.failure_fields)
+            row.update(failure_fields(exc))
         row["seconds"] = round(time.perf_counter() - started, 3)
         return row
 
