@@ -192,8 +192,8 @@ class TrainerConfig:
     CPUs, so not for real training."""
     compile: bool = False
     """torch.compile the model (in place, `nn.Module.compile`, so checkpoints and encoder.pt keep their plain keys
-    and resume into an eager or compiled run alike). Off by default: compiling takes minutes on a CPU and the first
-    steps are slower (on a GPU it can pay off over a long run)."""
+    and resume into an eager or compiled run alike). Off by default: the first step pays the compile, a CPU gains
+    nothing (and inductor's CPU code generation failed on the tiny model with torch 2.13); meant for long GPU runs."""
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     """torch.compile backend with `compile`: 'inductor' (PyTorch's default, generates kernels); 'aot_eager' and
     'eager' trace the model but run PyTorch's own kernels, PyTorch's way to tell which stage of a failing compile

@@ -91,7 +91,10 @@ def _nt_xent_anchors(anchors: Tensor, candidates: Tensor, offset: int, temperatu
     rows = torch.arange(n, device=anchors.device)
     self_col = rows + offset  # (2B,)
     positive_col = (rows + n // 2) % n + offset  # (2B,)
-    logits = anchors @ candidates.T / temperature  # (2B, M)
+    # float32 similarities even under autocast, which runs a matmul in bf16/fp16 (bf16 keeps ~3 significant digits,
+    # 1/T amplifies the error); the diagonal is masked with -inf, which every dtype holds (-1e9 overflows fp16)
+    with torch.autocast(anchors.device.type, enabled=False):
+        logits = anchors.float() @ candidates.float().T / temperature  # (2B, M)
     cols = torch.arange(candidates.shape[0], device=anchors.device)
     logits = logits.masked_fill(cols[None, :] == self_col[:, None], float("-inf"))
     return F.cross_entropy(logits, positive_col)

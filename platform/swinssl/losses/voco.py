@@ -31,7 +31,8 @@ def overlap_similarity(randoms: Tensor, bases: Tensor) -> Tensor:
 def base_regularisation(bases: Tensor) -> Tensor:
     """(B, g, E) -> (B,): mean over pairs k < l of relu(cos(b_k, stopgrad(b_l)))^2."""
     b = F.normalize(bases.float(), dim=-1)
-    sim = F.relu(b @ b.detach().transpose(1, 2))  # (B, g, g): row k against a detached l
+    with torch.autocast(b.device.type, enabled=False):  # autocast would run this matmul (and the term) in bf16/fp16
+        sim = F.relu(b @ b.detach().transpose(1, 2))  # (B, g, g): row k against a detached l
     upper = torch.triu(torch.ones(sim.shape[1:], dtype=torch.bool, device=sim.device), diagonal=1)
     return (sim[:, upper] ** 2).mean(dim=1)
 

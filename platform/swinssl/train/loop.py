@@ -1,7 +1,8 @@
 """The training loop run by every Ray Train worker. It knows only the `Task` interface.
 
 Per optimizer step: `grad_accum` micro-batches from this worker's dataset shard -> task.losses -> backward (AMP on
-GPU) -> clip -> AdamW step -> warm-up/cosine lr. Every `log_every` steps the rank-0 metrics are reported; every
+GPU, on CPU only with `trainer.amp_on_cpu`; the model compiled in place with `trainer.compile`) -> clip -> AdamW step
+-> warm-up/cosine lr. Every `log_every` steps the rank-0 metrics are reported; every
 `checkpoint_every` steps (and at the end) a checkpoint is reported (rank 0 writes it) and the buffered MLflow
 metrics are flushed, so a restart resumes from that checkpoint with the same step counter, optimizer, scheduler,
 scaler and pretext RNG, and never logs a step twice.
@@ -56,10 +57,25 @@ class Meter:
         return out
 
 
-def _autocast(device: torch.device, amp: str):
-    if device.type != "cuda" or amp == "none":
+def _amp_active(device: torch.device, trainer: TrainerConfig) -> bool:
+    """Mixed precision runs on CUDA, and on CPU only with `amp_on_cpu` (a test switch: the GPU's dtype path)."""
+    return trainer.amp != "none" and (device.type == "cuda" or (device.type == "cpu" and trainer.amp_on_cpu))
+
+
+def _autocast(device: torch.device, trainer: TrainerConfig):
+    if not _amp_active(device, trainer):
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if trainer.amp == "bf16" else torch.float16)
+
+
+def compile_model(raw_model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile `raw_model` in place (`nn.Module.compile`): its `__call__` runs the compiled graph while its
+    parameters, `state_dict` keys (no `_orig_mod.` prefix of `torch.compile(model)`'s wrapper) and submodules stay
+    those of the eager module, so checkpoints, resume and encoder.pt do not change. A DDP wrapper around it calls
+    the compiled module, which is what the PyTorch docs advise ("Where to apply torch.compile?": compile the inner
+    module passed to DDP). Static shapes (`dynamic=False`): a run calls the model with a few fixed input shapes and
+    head lists (the shared views, each pretext task's own view), each of which gets its own specialised graph."""
+    raw_model.compile(backend=backend, dynamic=False)
 
 
 def _batches(next_epoch: Callable[[int], Iterator[dict]], state: LoopState, meter: Meter) -> Iterator[dict]:
@@ -143,8 +159,10 @@ def run(task: Task, model: nn.Module, raw_model: nn.Module, next_epoch: Callable
         resume_dir: str | None = None, meta: dict | None = None) -> LoopState:
     """Train `model` (DDP-wrapped or not; `raw_model` is the unwrapped module) until `trainer.steps`."""
     optimizer, scheduler = build_optimizer(raw_model, optim, trainer.steps, task)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and trainer.amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=trainer.amp == "fp16" and _amp_active(device, trainer))
     state = _restore(resume_dir, device, raw_model, optimizer, scheduler, scaler) if resume_dir else LoopState()
+    if trainer.compile:  # in place: the restore above and every checkpoint use the same plain keys either way
+        compile_model(raw_model, trainer.compile_backend)
     meter = Meter()
     stream = _batches(next_epoch, state, meter)
     model.train()
@@ -155,7 +173,7 @@ def run(task: Task, model: nn.Module, raw_model: nn.Module, next_epoch: Callable
             batch = _to_device(next(stream), device)
             last = micro == trainer.grad_accum - 1
             with (contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()), \
-                    _autocast(device, trainer.amp):
+                    _autocast(device, trainer):
                 losses = task.losses(model, batch, generator)
             scaler.scale(losses["loss"] / trainer.grad_accum).backward()
             meter.add(losses, int(batch["image"].shape[0]))
