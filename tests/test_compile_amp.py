@@ -100,6 +100,7 @@ def pretrain_runs(tmp_path_factory):
             "graphs": _graphs() - before}
 
 
+@pytest.mark.e2e  # minutes of compile and 64^3 steps on 2 cores: kept out of `make test-fast`
 def test_compiled_pretraining_matches_eager(pretrain_runs):
     (_, eager), (_, compiled) = pretrain_runs["eager"], pretrain_runs["compiled"]
     assert pretrain_runs["graphs"] > 0, "trainer.compile=true ran the model uncompiled"
@@ -109,6 +110,7 @@ def test_compiled_pretraining_matches_eager(pretrain_runs):
     assert _losses(eager)[1]["loss"] != _losses(eager)[0]["loss"]  # it trained: step 2 saw updated weights
 
 
+@pytest.mark.e2e  # minutes of compile and 64^3 steps on 2 cores: kept out of `make test-fast`
 def test_compiled_checkpoints_and_encoder_keep_plain_keys(pretrain_runs, tmp_path):
     (eager, _), (compiled, _) = pretrain_runs["eager"], pretrain_runs["compiled"]
     keys = list(eager.state_dict())
@@ -125,6 +127,7 @@ def test_compiled_checkpoints_and_encoder_keep_plain_keys(pretrain_runs, tmp_pat
     assert all(torch.equal(net.state_dict()[k], trained[k]) for k in loaded)
 
 
+@pytest.mark.e2e  # minutes of compile and 64^3 steps on 2 cores: kept out of `make test-fast`
 def test_resume_crosses_compile_both_ways(pretrain_runs, tmp_path):
     """A compiled run resumes an eager run's checkpoint and an eager run a compiled one: step 2 repeats the straight
     runs'."""
@@ -213,6 +216,7 @@ def _relative_error(grads: dict, reference: dict) -> float:
     return float(diff.norm() / torch.cat([g.flatten() for g in reference.values() if g is not None]).norm())
 
 
+@pytest.mark.e2e  # minutes of compile and 64^3 steps on 2 cores: kept out of `make test-fast`
 def test_compiled_finetuning_step_matches_eager(seg_eager):
     torch.compiler.reset()
     before = _graphs()
@@ -240,6 +244,7 @@ def _pretrain_step(*overrides: str) -> tuple[nn.Module, Keep, WatchedPretrain]:
     return train_steps(task, 1, hooks), hooks, task
 
 
+@pytest.mark.e2e  # CPU bf16 of every pretext task: ~1 minute, kept out of `make test-fast`
 @pytest.mark.parametrize("group", list(PRETEXT_GROUPS))
 def test_every_pretext_task_under_cpu_bf16_autocast(group):
     _, fp32_hooks, fp32 = _pretrain_step(*PRETEXT_GROUPS[group])
