@@ -84,8 +84,8 @@ def test_zero_pet_weights_compute_the_published_networks_ct_features(published):
     with torch.no_grad():
         want, ours = source.swinViT(ct), encoder(torch.cat([ct, pet], 1))
         assert len(ours) == len(want) == 5
-        for mine, theirs in zip(ours, want):  # bit-equal on our CPUs; a margin for another summation order
-            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+        for mine, theirs in zip(ours, want):  # our net's attention is fused (SDPA): equal up to float rounding
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
         encoder.patch_embed.proj.weight[:, 1] = encoder.patch_embed.proj.weight[:, 0]  # copy_ct's weights
         assert not torch.allclose(encoder(torch.cat([ct, pet], 1))[0], want[0], atol=1e-3)  # PET is not ignored
 
