@@ -36,7 +36,7 @@ from petct.errors import StudyError, failure_fields
 from petct.export import manifest_records
 from petct.shards import atomic_write_json, atomic_write_text, read_shard
 
-from ..eval.infer import predict_volume, save_prediction
+from ..eval.infer import predict_volume, save_prediction, write_image_atomic
 from .ensemble import Ensemble
 from .package import TrainedModel, load_trained
 
@@ -113,6 +113,12 @@ def _digest(*parts) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
+def _study_key(digest: str, record: dict) -> str:
+    """What a finished prediction of `record` depends on: the run's model and options (`digest`) and the prepared
+    input (its sources, settings and preparation time); a rerun with the same key skips the study."""
+    return _digest(digest, record.get("source_hashes"), record.get("config_digest"), record.get("prepared_at"))
+
+
 def _ct_grid_labels(prediction: np.ndarray, study, record: dict) -> sitk.Image:
     """Labels resampled (nearest) onto the CT grid: CT point -> PET point is the inverse of the registration."""
     from petct.io import read_ct
@@ -152,8 +158,8 @@ class StudyPredictor:
         files = {"labels": str(save_prediction(study, prediction, out / "labels" / f"{sid}.nii.gz"))}
         notes = {}
         if self.options.ct_grid:
-            files["labels_ct"] = _write_image(_ct_grid_labels(prediction, study, record),
-                                              out / "labels_ct" / f"{sid}.nii.gz")
+            files["labels_ct"] = str(write_image_atomic(_ct_grid_labels(prediction, study, record),
+                                                        out / "labels_ct" / f"{sid}.nii.gz"))
         if self.options.dicom_seg:
             from .dicom_seg import write_dicom_seg
 
@@ -170,20 +176,6 @@ class StudyPredictor:
         counts = np.bincount(prediction.ravel(), minlength=self.model.labels.num_classes)
         return {"files": files, "notes": notes,
                 "voxels": {self.model.labels.name(v): int(n) for v, n in enumerate(counts) if n}}
-
-
-def _write_image(image: sitk.Image, path: Path) -> str:
-    import os
-    import uuid
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{uuid.uuid4().hex}.nii.gz")
-    try:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return str(path)
 
 
 def _prepare_inputs(model: TrainedModel, input_path: Path, out: Path, options: PredictOptions) -> Path:
@@ -229,8 +221,7 @@ def _todo(records: list[dict], model: TrainedModel, out: Path, digest: str) -> t
         previous = out / "records" / f"{sid}.json"
         if previous.exists():
             saved = json.loads(previous.read_text())
-            key = _digest(digest, record.get("source_hashes"), record.get("config_digest"), record.get("prepared_at"))
-            if saved.get("status") == "ok" and saved.get("digest") == key:
+            if saved.get("status") == "ok" and saved.get("digest") == _study_key(digest, record):
                 done[sid] = {**saved, "skipped": True}
                 continue
         todo.append(record)
@@ -283,8 +274,7 @@ def predict_cohort(model_spec: str, input_path: Path | str, out: Path | str, opt
     records = manifest_records(prepared)
     rows, todo = _todo(records, model, out, digest)
     for record, row in _run(todo, model, options, out, prepared):
-        row["digest"] = _digest(digest, record.get("source_hashes"), record.get("config_digest"),
-                                record.get("prepared_at"))
+        row["digest"] = _study_key(digest, record)
         atomic_write_json(out / "records" / f"{row['study_id']}.json", row)
         rows[row["study_id"]] = row
     ordered = [rows[r["study_id"]] for r in records]

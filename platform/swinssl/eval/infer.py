@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from petct.shards import PreparedStudy
 
-__all__ = ["body_box", "predict_volume", "save_prediction"]
+__all__ = ["body_box", "predict_volume", "save_prediction", "write_image_atomic"]
 
 Box = tuple[slice, slice, slice]
 BODY_THRESHOLD = 0.3
@@ -182,11 +182,18 @@ def save_prediction(study: PreparedStudy, prediction: np.ndarray, path: Path) ->
     prediction = np.asarray(prediction)
     if study.image is not None and prediction.shape != tuple(study.image.shape[1:]):
         raise ValueError(f"prediction shape {prediction.shape} != study grid {tuple(study.image.shape[1:])}")
+    return write_image_atomic(study.to_sitk(prediction.astype(np.uint8, copy=False)), path)
+
+
+def write_image_atomic(image: sitk.Image, path: Path) -> Path:
+    """`sitk.WriteImage` (compressed) under a temporary name in the same folder (same extension, so ITK picks the
+    same writer), then renamed over `path`: a reader sees the old file or the whole new one. Returns `path`."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{suffix}")
     try:
-        sitk.WriteImage(study.to_sitk(prediction.astype(np.uint8, copy=False)), str(tmp), useCompression=True)
+        sitk.WriteImage(image, str(tmp), useCompression=True)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
